@@ -1,0 +1,268 @@
+"""The export pipeline, end to end: checkpoint -> prefix KV -> graph -> validation -> folder.
+
+`export_prefix_model` is what `prefix-export` (and `prefix-export export`) runs; `validate_export`
+is what `prefix-export validate OUT_DIR` runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, contract, graph, output
+from .base_model import BaseModel, load_base_model
+from .checkpoint import PrefixCheckpoint, load_prefix_checkpoint
+from .errors import InputError, OutputError, ValidationError
+from .export import DEFAULT_OPSET, export_folded
+from .prefix_kv import PREFIX_KV_FILE, build_peft_model, compute_prefix_kv
+from .runtime import OnnxDecoder, create_session, graph_path
+from .validate import DEFAULT_ATOL, Tolerances, ValidationReport, validate
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "export_report.json"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    folder: Path
+    graph: Path
+    report: dict
+    validation: ValidationReport | None
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or self.validation.passed
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"prefix_export": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                 "safetensors", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 1024**2
+
+
+def _model_files(base: BaseModel) -> list[Path]:
+    if base.local_dir is None:
+        return []
+    patterns = ("config.json", "*.safetensors", "*.bin", "generation_config.json")
+    return sorted({p for pattern in patterns for p in base.local_dir.glob(pattern) if p.is_file()})
+
+
+def _hashes(paths: list[Path], root: Path | None = None) -> dict[str, str]:
+    return {str(p.relative_to(root) if root else p): sha256(p) for p in paths}
+
+
+class _Progress:
+    """A stage-level progress bar (tqdm on stderr) that tests and --quiet can switch off."""
+
+    def __init__(self, stages: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=stages, desc="prefix-export", unit="step", leave=False, file=sys.stderr)
+
+    def __call__(self, description: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(description)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheckpoint, out: str | Path, *,
+                        prefix_config: str | Path | None = None, force: bool = False, run_validation: bool = True,
+                        tolerances: Tolerances | None = None, dtype: str | None = None, opset: int = DEFAULT_OPSET,
+                        external_data: bool = False, keep_invalid: bool = False, progress: bool = True,
+                        command_line: list[str] | None = None) -> ExportResult:
+    """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
+
+    Every input is checked before anything is written; the folder appears only once complete and
+    (unless `run_validation=False`) validated. A failed validation raises ValidationError, with the
+    export kept beside `out` as `out.invalid/` only when `keep_invalid` is set.
+    """
+    started = time.perf_counter()
+    folder, graph_name = output.resolve_output(out)
+    output.check_destination(folder, force)
+    steps = _Progress(7 if run_validation else 6, progress)
+    try:
+        base = model if isinstance(model, BaseModel) else load_base_model(model, dtype=dtype)
+        steps("loaded model")
+        checkpoint = prefix if isinstance(prefix, PrefixCheckpoint) else load_prefix_checkpoint(prefix, prefix_config)
+        steps("loaded prefix")
+        peft_model = build_peft_model(base, checkpoint)
+        prefix_kv = compute_prefix_kv(peft_model, base.spec)
+        steps("computed prefix KV")
+        dtype_name = str(prefix_kv.tensor.dtype).replace("torch.", "")
+        if tolerances is None:
+            tolerances = Tolerances(atol=DEFAULT_ATOL.get(dtype_name, 1e-4))
+        inputs = {"model": base.source, "prefix": str(prefix if not isinstance(prefix, PrefixCheckpoint) else
+                                                      "<in-memory>"),
+                  "prefix_config": str(prefix_config) if prefix_config else None, "checkpoint_kind": checkpoint.kind,
+                  "sha256": _hashes(checkpoint.files + _model_files(base))}
+        report = {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
+                  "created_unix": int(time.time()), "layout": "folded", "versions": library_versions(),
+                  "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+                  "inputs": inputs,
+                  "architecture": dataclasses.asdict(base.spec),
+                  "prefix": {"num_virtual_tokens": prefix_kv.num_virtual_tokens, "shape": list(prefix_kv.tensor.shape),
+                             "shape_meaning": "(L, 2, H_kv, P, D)", "dtype": dtype_name,
+                             "prefix_projection": bool(checkpoint.config.prefix_projection)},
+                  "io": {"inputs": contract.input_names(base.spec.num_layers),
+                         "outputs": contract.output_names(base.spec.num_layers)}}
+        metadata = {contract.META_PREFIX_LENGTH: str(prefix_kv.num_virtual_tokens), contract.META_LAYOUT: "folded",
+                    contract.META_VERSION: __version__, "prefix_export.model_type": base.spec.model_type,
+                    "prefix_export.source_sha256": json.dumps(inputs["sha256"], sort_keys=True),
+                    "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
+        try:
+            with output.atomic_folder(folder, force) as tmp:
+                raw_dir = tmp / ".raw"
+                raw_dir.mkdir()
+                t0 = time.perf_counter()
+                export_folded(base.model, prefix_kv, base.spec, raw_dir / graph_name, opset=opset)
+                steps("exported graph")
+                graph_info = graph.finalize(raw_dir / graph_name, tmp / graph_name, metadata, external_data)
+                report["timing_s"] = {"export": round(time.perf_counter() - t0, 3)}
+                _remove_tree(raw_dir)
+                prefix_kv.save(tmp / PREFIX_KV_FILE, {"model_type": base.spec.model_type})
+                _save_model_files(base, tmp)
+                steps("wrote folder")
+                report["graph"] = graph_info
+                validation = None
+                if run_validation:
+                    t0 = time.perf_counter()
+                    decoder = OnnxDecoder(create_session(tmp / graph_name, "cpu"))
+                    validation = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
+                                          max_positions=_position_budget(base, prefix_kv.num_virtual_tokens),
+                                          progress=None)
+                    report["timing_s"]["validation"] = round(time.perf_counter() - t0, 3)
+                    report["validation"] = validation.to_dict()
+                    steps("validated")
+                else:
+                    report["validation"] = {"passed": None, "skipped": "--no-validate"}
+                report["timing_s"]["total"] = round(time.perf_counter() - started, 3)
+                report["peak_memory_mb"] = round(peak_memory_mb(), 1)
+                report["outputs"] = {"sha256": _hashes(sorted(p for p in tmp.rglob("*") if p.is_file()), tmp)}
+                (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+                steps("done")
+                if validation is not None and not validation.passed:
+                    if keep_invalid:
+                        _keep_invalid(tmp, folder)
+                    raise ValidationError(
+                        f"the exported graph does not match PEFT's forward:\n" + "\n".join(validation.failures()[:20]),
+                        report=validation)
+        except OSError as exc:
+            raise output.translate_os_error(exc, folder) from exc
+    finally:
+        steps.close()
+    return ExportResult(folder, folder / graph_name, report, validation)
+
+
+def _position_budget(base: BaseModel, num_virtual_tokens: int) -> int | None:
+    """User tokens a learned-position model can still take after the prefix's P positions."""
+    spec = base.spec
+    return spec.max_positions - num_virtual_tokens if spec.positions == "learned" else None
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def _keep_invalid(tmp: Path, folder: Path) -> None:
+    import shutil
+
+    target = folder.with_name(folder.name + ".invalid")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(tmp, target)
+    log.warning("the export that failed validation was kept at %s for inspection", target)
+
+
+def _save_model_files(base: BaseModel, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer, so the folder stands alone."""
+    base.config.save_pretrained(folder)
+    generation_config = getattr(base.model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if base.tokenizer is not None:
+        base.tokenizer.save_pretrained(folder)
+
+
+def read_report(folder: Path) -> dict:
+    path = Path(folder) / REPORT_FILE
+    if not path.is_file():
+        raise InputError(f"{folder} has no {REPORT_FILE}; it is not an export folder written by prefix-export.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}).") from exc
+
+
+def check_hashes(folder: Path, report: dict) -> list[str]:
+    """Files whose SHA-256 differs from the report, or that are missing."""
+    problems = []
+    for name, expected in report.get("outputs", {}).get("sha256", {}).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256(path) != expected:
+            problems.append(f"{name} changed since export (SHA-256 differs)")
+    return problems
+
+
+def validate_export(folder: str | Path, model: str | None = None, prefix: str | Path | None = None,
+                    prefix_config: str | Path | None = None, tolerances: Tolerances | None = None) -> ValidationReport:
+    """Recheck an export folder: file hashes, then the graph against PEFT (sources from the report)."""
+    folder = Path(folder)
+    report = read_report(folder)
+    problems = check_hashes(folder, report)
+    inputs = report.get("inputs", {})
+    model = model or inputs.get("model")
+    prefix = prefix or inputs.get("prefix")
+    prefix_config = prefix_config or inputs.get("prefix_config")
+    if not model or not prefix or prefix == "<in-memory>":
+        raise InputError(f"{folder}: the report does not say which model and prefix were exported; pass "
+                         "--model and --prefix.")
+    base = load_base_model(model)
+    checkpoint = load_prefix_checkpoint(prefix, prefix_config)
+    peft_model = build_peft_model(base, checkpoint)
+    if tolerances is None:
+        tolerances = Tolerances(atol=report.get("validation", {}).get("settings", {}).get("atol", 1e-4))
+    decoder = OnnxDecoder(create_session(graph_path(folder), "cpu"))
+    result = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
+                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens))
+    result.problems[:0] = [f"hash: {p}" for p in problems]
+    return result
+
+
+__all__ = ["export_prefix_model", "validate_export", "ExportResult", "OutputError"]

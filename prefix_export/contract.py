@@ -1,0 +1,48 @@
+"""The graph's I/O contract: input/output names, dtypes and dynamic axis names, fixed in one place.
+
+Other runtimes (onnxruntime-genai, optimum, JavaScript) rely on exactly these names, which follow
+optimum's convention for decoder-only models. The past/present tensors hold the user's tokens only;
+the prefix lives inside the graph (folded layout).
+"""
+from __future__ import annotations
+
+INPUT_IDS = "input_ids"  # int64 (batch_size, sequence_length)
+ATTENTION_MASK = "attention_mask"  # int64 (batch_size, past_sequence_length + sequence_length)
+POSITION_IDS = "position_ids"  # int64 (batch_size, sequence_length), counted from 0 over user tokens
+LOGITS = "logits"  # (batch_size, sequence_length, vocab)
+
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+PAST = "past_sequence_length"
+TOTAL = "total_sequence_length"  # = past_sequence_length + sequence_length
+
+# Metadata keys written into the ONNX model (metadata_props) and read back by the runtime.
+META_PREFIX_LENGTH = "prefix_export.num_virtual_tokens"
+META_LAYOUT = "prefix_export.layout"
+META_VERSION = "prefix_export.version"
+
+
+def past_name(layer: int, kind: str) -> str:
+    """`past_key_values.{i}.key|value`: (batch_size, H_kv, past_sequence_length, D)."""
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """`present.{i}.key|value`: (batch_size, H_kv, total_sequence_length, D)."""
+    return f"present.{layer}.{kind}"
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [past_name(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [present_name(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+
+
+def input_names(num_layers: int) -> list[str]:
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(num_layers)]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return [LOGITS, *present_names(num_layers)]

@@ -1,0 +1,99 @@
+"""The folded-prefix wrapper module and its `torch.onnx.export` (dynamo) call.
+
+The wrapper makes a plain decoder contract out of a prefix-tuned model: the user's cache goes in and
+out without the prefix, and inside the graph the prefix keys/values (initializers) are prepended to
+every layer's cache, P ones are prepended to the mask, and positions are shifted by P, which is
+exactly what PEFT does in `PeftModelForCausalLM.forward`. This module deliberately shares no code
+with `validate.py`, whose reference is PEFT's own forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from . import architectures, contract
+from .errors import ExportFailedError
+from .prefix_kv import PrefixKV
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+
+
+class PrefixFoldedDecoder(torch.nn.Module):
+    """Base causal LM + constant prefix KV, with the contract of `contract.py`."""
+
+    def __init__(self, model: torch.nn.Module, prefix_kv: PrefixKV):
+        super().__init__()
+        self.model = model
+        self.num_layers = prefix_kv.num_layers
+        self.num_virtual_tokens = prefix_kv.num_virtual_tokens
+        # (L, 2, H_kv, P, D): becomes one initializer of the graph.
+        self.register_buffer("prefix_kv", prefix_kv.tensor.clone(), persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+        batch = input_ids.shape[0]
+        P = self.num_virtual_tokens
+        layers = []
+        for i in range(self.num_layers):
+            # (H_kv, P, D) -> (B, H_kv, P, D), then prepend to the user's past (B, H_kv, past, D)
+            prefix_key = self.prefix_kv[i, 0].unsqueeze(0).expand(batch, -1, -1, -1)
+            prefix_value = self.prefix_kv[i, 1].unsqueeze(0).expand(batch, -1, -1, -1)
+            layers.append((torch.cat([prefix_key, past_key_values[2 * i]], dim=2),
+                           torch.cat([prefix_value, past_key_values[2 * i + 1]], dim=2)))
+        cache = architectures.make_cache(layers, self.model.config)
+        # (B, P + past + seq): the prefix is always attended to.
+        mask = torch.cat([torch.ones(batch, P, dtype=attention_mask.dtype, device=attention_mask.device),
+                          attention_mask], dim=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids + P,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        presents = []
+        for key, value in architectures.cache_to_tensors(out.past_key_values):
+            presents += [key[:, :, P:], value[:, :, P:]]  # drop the prefix: (B, H_kv, past + seq, D)
+        return (out.logits, *presents)
+
+
+def example_inputs(spec: architectures.ArchSpec, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4):
+    """Tracing inputs; sizes are distinct so the exporter cannot confuse the dynamic axes."""
+    H, D = spec.kv_shape
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq, dtype=torch.int64).unsqueeze(0).expand(batch, -1).contiguous()
+    pasts = [torch.randn(batch, H, past, D, generator=generator).to(dtype) for _ in range(2 * spec.num_layers)]
+    return input_ids, attention_mask, position_ids, pasts
+
+
+def export_folded(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectures.ArchSpec, path: Path,
+                  opset: int = DEFAULT_OPSET) -> None:
+    """Export the folded decoder to `path` (a single file; graph.py post-processes it)."""
+    from torch.export import Dim
+
+    wrapper = PrefixFoldedDecoder(model, prefix_kv).eval()
+    dtype = prefix_kv.tensor.dtype
+    args = example_inputs(spec, dtype)
+    batch, seq = Dim(contract.BATCH), Dim(contract.SEQUENCE)
+    past, total = Dim(contract.PAST, min=0), Dim(contract.TOTAL)
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past_key_values": [{0: batch, 2: past}] * (2 * spec.num_layers),
+    }
+    log.info("torch.onnx.export (dynamo) -> %s", path)
+    captured = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(captured):
+            torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=opset,
+                              input_names=contract.input_names(spec.num_layers),
+                              output_names=contract.output_names(spec.num_layers),
+                              dynamic_shapes=dynamic_shapes, optimize=True, external_data=True,
+                              verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one typed error for users
+        raise ExportFailedError(f"torch.onnx.export failed for {spec.model_type}: {type(exc).__name__}: {exc}\n"
+                                f"exporter output:\n{captured.getvalue()[-2000:]}") from exc
+    log.debug("exporter output:\n%s", captured.getvalue())

@@ -1,0 +1,65 @@
+"""ONNX post-processing: metadata, dimension names, external data, checker."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from . import contract
+from .errors import ExportFailedError
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2 * 1024**3
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
+    return total
+
+
+def _name_present_dims(model: onnx.ModelProto) -> None:
+    """The exporter names present's length 'past_sequence_length + sequence_length'; call it total."""
+    for output in model.graph.output:
+        if not output.name.startswith("present."):
+            continue
+        dim = output.type.tensor_type.shape.dim[2]
+        if not dim.HasField("dim_value"):
+            dim.dim_param = contract.TOTAL
+
+
+def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_external_data: bool = False) -> dict:
+    """Load the exporter's file, add metadata, and save to `final_path` (+ external data when needed)."""
+    try:
+        model = onnx.load(str(raw_path), load_external_data=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportFailedError(f"the exporter's ONNX file {raw_path} could not be read back ({exc}).") from exc
+    _name_present_dims(model)
+    del model.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        model.metadata_props.add(key=key, value=str(value))
+    weight_bytes = _tensor_bytes(model)
+    external = force_external_data or weight_bytes > TWO_GB - 64 * 1024**2
+    data_name = final_path.name + ".data"
+    if external:
+        onnx.save_model(model, str(final_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(model, str(final_path))
+    try:
+        onnx.checker.check_model(str(final_path))  # by path: works for > 2 GB with external data
+    except onnx.checker.ValidationError as exc:
+        raise ExportFailedError(f"onnx.checker rejected the exported graph: {exc}") from exc
+    info = {"graph": final_path.name, "external_data": data_name if external else None,
+            "weight_bytes": weight_bytes, "nodes": len(model.graph.node), "opset": model.opset_import[0].version}
+    log.info("graph: %d nodes, %.1f MB of weights%s", info["nodes"], weight_bytes / 1e6,
+             f", external data {data_name}" if external else "")
+    return info
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}

@@ -1,0 +1,123 @@
+"""Checkpoint -> static per-layer prefix keys/values `(L, 2, H_kv, P, D)`, computed by PEFT itself.
+
+PEFT's `get_prompt` owns the layout rules (view as (P, 2L, H, D), GQA head counts, per-model
+post-processing), so we ask it for the cache it would feed the model and read the tensors back,
+rather than re-deriving them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from . import architectures
+from .base_model import BaseModel
+from .checkpoint import PrefixCheckpoint
+from .errors import CheckpointError, MismatchError
+
+log = logging.getLogger(__name__)
+
+PREFIX_KV_FILE = "prefix_kv.safetensors"
+PREFIX_KV_TENSOR = "prefix_kv"
+
+
+@dataclasses.dataclass
+class PrefixKV:
+    tensor: torch.Tensor  # (L, 2, H_kv, P, D); [:, 0] keys, [:, 1] values, in the model's dtype
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.tensor.shape[3])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) of one layer, each (H_kv, P, D)."""
+        return self.tensor[index, 0], self.tensor[index, 1]
+
+    def save(self, path: Path, extra_metadata: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        L, _, H, P, D = self.tensor.shape
+        metadata = {"layout": "(L, 2, H_kv, P, D); [:, 0] = keys, [:, 1] = values", "num_layers": str(L),
+                    "num_kv_heads": str(H), "num_virtual_tokens": str(P), "head_dim": str(D),
+                    "dtype": str(self.tensor.dtype).replace("torch.", "")}
+        metadata.update(extra_metadata or {})
+        save_file({PREFIX_KV_TENSOR: self.tensor.contiguous()}, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> "PrefixKV":
+        from safetensors.torch import load_file
+
+        try:
+            return cls(load_file(str(path))[PREFIX_KV_TENSOR])
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing error
+            raise CheckpointError(f"{path} is not a prefix_kv file written by prefix-export ({exc}).") from exc
+
+
+def expected_prefix_config(base: BaseModel, num_virtual_tokens: int):
+    """The PrefixTuningConfig PEFT would create for this model (layers, heads, token_dim filled in)."""
+    from peft import PrefixTuningConfig
+    from peft.utils.other import _prepare_prompt_learning_config
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    return _prepare_prompt_learning_config(config, base.config)
+
+
+def check_fits(base: BaseModel, checkpoint: PrefixCheckpoint) -> None:
+    """Raise MismatchError, showing both sides, when the prefix was trained for another shape."""
+    expected = expected_prefix_config(base, checkpoint.num_virtual_tokens)
+    diffs = []
+    for field, label in (("num_layers", "layers"), ("num_attention_heads", "heads (KV heads for GQA)"),
+                         ("token_dim", "hidden size (token_dim)")):
+        got, want = getattr(checkpoint.config, field), getattr(expected, field)
+        if got != want:
+            diffs.append(f"{label}: prefix has {got}, model {base.source!r} needs {want}")
+    if diffs:
+        raise MismatchError("the prefix does not fit the model: " + "; ".join(diffs) +
+                            ". Use the base model the prefix was trained on (adapter_config.json "
+                            f"base_model_name_or_path: {checkpoint.config.base_model_name_or_path!r}).")
+    spec = base.spec
+    if spec.positions == "learned" and checkpoint.num_virtual_tokens >= spec.max_positions:
+        raise MismatchError(f"the prefix has P={checkpoint.num_virtual_tokens} virtual tokens but the model's "
+                            f"position table has {spec.max_positions} rows; PEFT shifts positions by P, so P must "
+                            "be well below it.")
+
+
+def build_peft_model(base: BaseModel, checkpoint: PrefixCheckpoint):
+    """PEFT's own PeftModel for this base model, with the checkpoint's prefix loaded (inference mode)."""
+    from peft import PeftModelForCausalLM
+
+    check_fits(base, checkpoint)
+    # In inference mode PEFT's PrefixEncoder is a plain (P, L*2*token_dim) table holding the projected
+    # prefix, which is exactly what `checkpoint.prompt_embeddings` is.
+    config = dataclasses.replace(checkpoint.config, inference_mode=True)
+    # The task class, not plain PeftModel: only PeftModelForCausalLM.forward prepends the prefix.
+    peft_model = PeftModelForCausalLM(base.model, config)
+    encoder = peft_model.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(checkpoint.prompt_embeddings.to(encoder.embedding.weight.dtype))
+    return peft_model.eval()
+
+
+def compute_prefix_kv(peft_model, spec: architectures.ArchSpec) -> PrefixKV:
+    """Ask PEFT for the cache it prepends for a batch of one, and stack it to (L, 2, H_kv, P, D)."""
+    with torch.no_grad():
+        cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
+    layers = architectures.cache_to_tensors(cache)
+    if len(layers) != spec.num_layers:
+        raise MismatchError(f"PEFT produced a prefix for {len(layers)} layers; the model has {spec.num_layers}.")
+    stacked = []
+    for index, (key, value) in enumerate(layers):
+        # each (1, H_kv, P, D)
+        if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != spec.kv_shape:
+            raise MismatchError(f"layer {index}: PEFT's prefix keys have shape {tuple(key.shape)}, the model's "
+                                f"cache needs (1, {spec.num_kv_heads}, P, {spec.head_dim}) (H_kv, D).")
+        stacked.append(torch.stack([key[0], value[0]]))
+    tensor = torch.stack(stacked).detach().contiguous()  # (L, 2, H_kv, P, D)
+    log.info("prefix KV: shape %s, dtype %s", tuple(tensor.shape), tensor.dtype)
+    return PrefixKV(tensor)
