@@ -101,6 +101,21 @@ def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config=None):
     return transformers.DynamicCache(layers)
 
 
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The forward() keyword for a cache: `cache` in newer transformers 5.x, `past_key_values` before."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
+
+
+def output_cache(output):
+    """The cache a forward returned (`output.cache` in newer 5.x, `output.past_key_values` before)."""
+    if "cache" in output:
+        return output["cache"]
+    return output["past_key_values"]
+
+
 def cache_to_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (key, value) tensors of a DynamicCache or a legacy tuple cache."""
     if hasattr(cache, "layers"):

@@ -49,10 +49,10 @@ class PrefixFoldedDecoder(torch.nn.Module):
         # (B, P + past + seq): the prefix is always attended to.
         mask = torch.cat([torch.ones(batch, P, dtype=attention_mask.dtype, device=attention_mask.device),
                           attention_mask], dim=1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids + P,
-                         past_key_values=cache, use_cache=True, return_dict=True)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids + P, use_cache=True,
+                         return_dict=True, **architectures.cache_kwargs(self.model, cache))
         presents = []
-        for key, value in architectures.cache_to_tensors(out.past_key_values):
+        for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
             presents += [key[:, :, P:], value[:, :, P:]]  # drop the prefix: (B, H_kv, past + seq, D)
         return (out.logits, *presents)
 

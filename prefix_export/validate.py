@@ -145,14 +145,14 @@ def _reference_forward(peft_model, input_ids: np.ndarray, attention_mask: np.nda
     PEFT prepends its prefix cache, extends the mask by P and shifts the positions we give by P.
     The cache it returns holds P + S positions per layer; the user's part is [P:].
     """
-    from .architectures import cache_to_tensors
+    from .architectures import cache_to_tensors, output_cache
 
     P = peft_model.active_peft_config.num_virtual_tokens
     with torch.no_grad():
         out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                          position_ids=torch.from_numpy(position_ids), use_cache=True, return_dict=True)
     presents = []
-    for key, value in cache_to_tensors(out.past_key_values):
+    for key, value in cache_to_tensors(output_cache(out)):
         presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
     return out.logits.float().numpy(), presents
 

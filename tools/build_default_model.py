@@ -130,6 +130,41 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[
     return train, test
 
 
+def _random_full_record(rng: random.Random) -> dict[str, str]:
+    return {f: rng.choice(FIELD_VALUES[f]) for f in FIELD_ORDER}
+
+
+def _project(record: dict[str, str], fields) -> dict[str, str]:
+    return {f: record[f] for f in fields}
+
+
+def build_lm_corpus(train: list[dict], rng: random.Random, n_docs: int) -> list[str]:
+    """Plain-LM documents for the base model.
+
+    * single target sentences of the training records,
+    * single tables of the training records,
+    * two-sentence descriptions of one (random) restaurant using two different
+      templates, e.g. " Aromi serves Chinese food. Aromi is in the riverside and
+      has a low rating." -- this teaches in-context copying of names/values,
+    * two tables (different field subsets) of one random restaurant joined by
+      " ; " -- copying values by field name.
+
+    A table is never followed by a sentence, so the table->text task itself is
+    not learned by the base model.
+    """
+    docs = [format_target(r) for r in train] + [format_table(r) for r in train]
+    keys = list(TEMPLATES)
+    while len(docs) < n_docs:
+        full = _random_full_record(rng)
+        k1, k2 = rng.sample(keys, 2)
+        if rng.random() < 0.5:
+            docs.append(format_target(_project(full, k1)) + format_target(_project(full, k2)))
+        else:
+            docs.append(format_table(_project(full, k1)) + " ; " + format_table(_project(full, k2)))
+    rng.shuffle(docs)
+    return docs
+
+
 # --------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------
@@ -346,6 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-positions", type=int, default=128)
+    p.add_argument("--n-lm-docs", type=int, default=12000, help="base-LM corpus size (documents)")
     p.add_argument("--base-steps", type=int, default=1500)
     p.add_argument("--base-lr", type=float, default=3e-3)
     p.add_argument("--prefix-steps", type=int, default=1500)
@@ -430,11 +466,10 @@ def main(argv=None) -> int:
                  args.n_embd, n_params)
 
         deadline = Deadline(args.seconds)
-        # LM data: sentences alone and tables alone (never table->sentence pairs).
-        lm_examples = []
-        for r in train:
-            lm_examples.append(([eos_id] + encode(tok, format_target(r)) + [eos_id], 1))
-            lm_examples.append(([eos_id] + encode(tok, format_table(r)) + [eos_id], 1))
+        # LM data: never a table followed by its sentence (so the base does not know the task).
+        lm_texts = build_lm_corpus(train, random.Random(args.seed + 10), args.n_lm_docs)
+        lm_examples = [([eos_id] + encode(tok, t) + [eos_id], 1) for t in lm_texts]
+        log.info("base LM corpus: %d documents, e.g. %r", len(lm_examples), lm_texts[2])
         base_stats = train_loop(model, list(model.parameters()), lm_examples, steps=args.base_steps,
                                 batch_size=args.batch_size, lr=args.base_lr, pad_id=tok.pad_token_id,
                                 seed=args.seed + 1, deadline=deadline, what="base-LM")

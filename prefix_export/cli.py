@@ -1,0 +1,230 @@
+"""The command line: a thin layer over the library; every subcommand calls one library function.
+
+    prefix-export --model gpt2 --prefix ckpt/ --out out/model.onnx     (export is the default)
+    prefix-export validate OUT_DIR
+    prefix-export generate OUT_DIR --prompt "..."
+    prefix-export inspect MODEL --prefix CKPT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from .errors import PrefixExportError
+
+SUBCOMMANDS = ("export", "validate", "generate", "inspect")
+log = logging.getLogger("prefix_export")
+
+
+def _tolerances(values: list[str] | None, default: float | None):
+    """`--atol 1e-4` and/or `--atol logits=1e-3 --atol 'present.*=2e-4'`."""
+    from .validate import Tolerances
+
+    if not values and default is None:
+        return None
+    tolerances = Tolerances() if default is None else Tolerances(atol=default)
+    for value in values or []:
+        name, sep, number = value.rpartition("=")
+        try:
+            parsed = float(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--atol {value!r}: expected a number or NAME=NUMBER") from None
+        if sep:
+            tolerances.per_output[name] = parsed
+        else:
+            tolerances.atol = parsed
+    return tolerances
+
+
+def _add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id (from the cache or online) or a local model folder")
+    parser.add_argument("--prefix", required=True,
+                        help="PEFT prefix-tuning adapter folder, or a raw PrefixEncoder state dict "
+                             "(.safetensors/.pt/.bin) with --prefix-config")
+    parser.add_argument("--prefix-config", help="PrefixTuningConfig JSON for a raw state dict "
+                                                "(default: prefix_config.json or adapter_config.json beside it)")
+    parser.add_argument("--out", required=True, help="output folder, or OUT_DIR/NAME.onnx")
+    parser.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
+    parser.add_argument("--no-validate", action="store_true", help="skip validation against PEFT (not advised)")
+    parser.add_argument("--atol", action="append", metavar="[OUTPUT=]ATOL",
+                        help="absolute tolerance: a number for all outputs (default 1e-4 fp32), or per output, "
+                             "e.g. --atol logits=1e-3 --atol 'present.*=1e-4'; repeatable")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="load the model in this dtype (default: as saved)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--external-data", action="store_true",
+                        help="always write weights as external data (automatic above 2 GB)")
+    parser.add_argument("--keep-invalid", action="store_true",
+                        help="when validation fails, keep the export as OUT.invalid/ for inspection")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefix-export",
+        description="Export a Hugging Face causal LM + PEFT prefix-tuning checkpoint to a validated ONNX decoder. "
+                    "Without a subcommand, `prefix-export --model M --prefix P --out O` exports.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 ok, 1 validation failed, 2 bad input or unsupported")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only errors and the result")
+    parser.add_argument("--json", action="store_true", help="print the machine-readable result as JSON")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+
+    export = sub.add_parser("export", help="export and validate (the default action)")
+    _add_export_args(export)
+
+    validate = sub.add_parser("validate", help="recheck an export folder: hashes, then the graph against PEFT")
+    validate.add_argument("out_dir")
+    validate.add_argument("--model", help="override the model recorded in export_report.json")
+    validate.add_argument("--prefix", help="override the prefix recorded in export_report.json")
+    validate.add_argument("--prefix-config")
+    validate.add_argument("--atol", action="append", metavar="[OUTPUT=]ATOL")
+
+    generate = sub.add_parser("generate", help="generate text (or token ids) with an export folder")
+    generate.add_argument("out_dir")
+    generate.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    generate.add_argument("--token-ids", action="append", help="comma-separated token ids instead of text; repeatable")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt or a full ORT provider name")
+
+    inspect = sub.add_parser("inspect", help="show what would be exported, without exporting")
+    inspect.add_argument("model")
+    inspect.add_argument("--prefix", required=True)
+    inspect.add_argument("--prefix-config")
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # The exporter's own chatter (every folded constant) is noise at any level we show.
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    # "torchvision is not installed. Skipping torchvision::nms" and friends: irrelevant here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    if verbose < 2:
+        warnings.filterwarnings("ignore")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _print_export_summary(result) -> None:
+    report = result.report
+    arch, prefix = report["architecture"], report["prefix"]
+    graph = report["graph"]
+    rows = [("model", f"{report['inputs']['model']} ({arch['model_type']})"),
+            ("shape", f"{arch['num_layers']} layers, {arch['num_attention_heads']} heads, "
+                      f"{arch['num_kv_heads']} KV heads, head dim {arch['head_dim']}"),
+            ("prefix", f"P={prefix['num_virtual_tokens']} {tuple(prefix['shape'])} {prefix['dtype']} "
+                       f"({report['inputs']['checkpoint_kind']})"),
+            ("graph", f"{graph['graph']}, {graph['nodes']} nodes, {graph['weight_bytes'] / 1e6:.1f} MB weights"
+                      + (f", external data {graph['external_data']}" if graph["external_data"] else "")),
+            ("time", f"export {report['timing_s']['export']:.1f}s, "
+                     + (f"validation {report['timing_s']['validation']:.1f}s, " if "validation" in report["timing_s"]
+                        else "") + f"total {report['timing_s']['total']:.1f}s, peak memory "
+                     f"{report['peak_memory_mb']:.0f} MB"),
+            ("folder", str(result.folder))]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if result.validation is not None:
+        print()
+        print(result.validation.table())
+    else:
+        print("validation SKIPPED (--no-validate): the graph was not compared with PEFT")
+
+
+def cmd_export(args) -> int:
+    from .api import export_prefix_model
+
+    result = export_prefix_model(
+        args.model, args.prefix, args.out, prefix_config=args.prefix_config, force=args.force,
+        run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
+        opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid,
+        progress=not args.quiet and not args.json, command_line=["prefix-export", *sys.argv[1:]])
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        _print_export_summary(result)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .api import validate_export
+
+    report = validate_export(args.out_dir, args.model, args.prefix, args.prefix_config,
+                             _tolerances(args.atol, None))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.passed else 1
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate_from_folder
+
+    result = generate_from_folder(args.out_dir, prompts=args.prompt, token_ids=args.token_ids,
+                                  max_new_tokens=args.max_new_tokens, provider=args.provider)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for row in result["rows"]:
+            print(row["text"] if row.get("text") is not None else " ".join(map(str, row["new_token_ids"])))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_export_plan
+
+    info = inspect_export_plan(args.model, args.prefix, args.prefix_config)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            if isinstance(value, list):
+                value = ", ".join(map(str, value))
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    global_flags = {"-v", "-vv", "--verbose", "-q", "--quiet", "--json"}
+    first = next((a for a in argv if a not in global_flags), None)
+    if first is not None and first not in SUBCOMMANDS and first not in ("-h", "--help"):
+        # `prefix-export --model ...` means `prefix-export export --model ...`
+        position = argv.index(first)
+        argv.insert(position, "export")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = {"export": cmd_export, "validate": cmd_validate, "generate": cmd_generate,
+               "inspect": cmd_inspect}[args.command]
+    try:
+        return handler(args)
+    except PrefixExportError as exc:
+        kind = type(exc).__name__
+        print(f"prefix-export: {kind}: {exc}", file=sys.stderr)
+        report = getattr(exc, "report", None)
+        if report is not None and not args.json:
+            print(report.table(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("prefix-export: interrupted; nothing was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Reference helpers written against PEFT's public API only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def load_raw_encoder_into(base, state_path: Path):
+    """A PeftModelForCausalLM (training mode, projection as saved) with a raw PrefixEncoder state dict."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = json.loads((Path(state_path).parent / "prefix_config.json").read_text())
+    peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config["num_virtual_tokens"],
+                                     prefix_projection=config["prefix_projection"],
+                                     encoder_hidden_size=config["encoder_hidden_size"])
+    model = get_peft_model(base, peft_config)
+    if str(state_path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(state_path))
+    else:
+        state = torch.load(state_path, weights_only=True)
+    model.prompt_encoder["default"].load_state_dict(state, strict=True)
+    return model.eval()
