@@ -163,7 +163,7 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                     decoder = OnnxDecoder(create_session(tmp / graph_name, "cpu"))
                     validation = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
                                           max_positions=_position_budget(base, prefix_kv.num_virtual_tokens),
-                                          progress=None)
+                                          graph_file=tmp / graph_name)
                     report["timing_s"]["validation"] = round(time.perf_counter() - t0, 3)
                     report["validation"] = validation.to_dict()
                     steps("validated")
@@ -258,9 +258,10 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     peft_model = build_peft_model(base, checkpoint)
     if tolerances is None:
         tolerances = Tolerances(atol=report.get("validation", {}).get("settings", {}).get("atol", 1e-4))
-    decoder = OnnxDecoder(create_session(graph_path(folder), "cpu"))
+    graph_file = graph_path(folder)
+    decoder = OnnxDecoder(create_session(graph_file, "cpu"))
     result = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
-                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens))
+                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens), graph_file=graph_file)
     result.problems[:0] = [f"hash: {p}" for p in problems]
     return result
 

@@ -69,10 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "Without a subcommand, `prefix-export --model M --prefix P --out O` exports.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 ok, 1 validation failed, 2 bad input or unsupported")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only errors and the result")
-    parser.add_argument("--json", action="store_true", help="print the machine-readable result as JSON")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS defaults: the flags work before or after the subcommand without overwriting each other.
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging (-vv for debug)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bar, only errors and the result")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the machine-readable result as JSON")
+    for action in common._actions:
+        parser._add_action(action)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        return _add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser
 
     export = sub.add_parser("export", help="export and validate (the default action)")
     _add_export_args(export)
@@ -205,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(position, "export")
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, default in (("verbose", 0), ("quiet", False), ("json", False)):
+        if not hasattr(args, flag):
+            setattr(args, flag, default)
     if args.command is None:
         parser.print_help()
         return 2

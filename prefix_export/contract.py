@@ -32,6 +32,11 @@ def present_name(layer: int, kind: str) -> str:
     return f"present.{layer}.{kind}"
 
 
+def prefix_initializer_name(layer: int, kind: str) -> str:
+    """The folded prefix inside the graph: `prefix_{key|value}_{i}`, an initializer (1, H_kv, P, D)."""
+    return f"prefix_{kind}_{layer}"
+
+
 def past_names(num_layers: int) -> list[str]:
     return [past_name(i, kind) for i in range(num_layers) for kind in ("key", "value")]
 

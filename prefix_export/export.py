@@ -32,17 +32,23 @@ class PrefixFoldedDecoder(torch.nn.Module):
         self.model = model
         self.num_layers = prefix_kv.num_layers
         self.num_virtual_tokens = prefix_kv.num_virtual_tokens
-        # (L, 2, H_kv, P, D): becomes one initializer of the graph.
-        self.register_buffer("prefix_kv", prefix_kv.tensor.clone(), persistent=False)
+        # One (1, H_kv, P, D) buffer per layer and kind; each becomes a named initializer of the
+        # graph (contract.prefix_initializer_name), so validation and tools can find the prefix.
+        for i in range(self.num_layers):
+            key, value = prefix_kv.layer(i)
+            self.register_buffer(contract.prefix_initializer_name(i, "key"), key.unsqueeze(0).clone(),
+                                 persistent=False)
+            self.register_buffer(contract.prefix_initializer_name(i, "value"), value.unsqueeze(0).clone(),
+                                 persistent=False)
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
         batch = input_ids.shape[0]
         P = self.num_virtual_tokens
         layers = []
         for i in range(self.num_layers):
-            # (H_kv, P, D) -> (B, H_kv, P, D), then prepend to the user's past (B, H_kv, past, D)
-            prefix_key = self.prefix_kv[i, 0].unsqueeze(0).expand(batch, -1, -1, -1)
-            prefix_value = self.prefix_kv[i, 1].unsqueeze(0).expand(batch, -1, -1, -1)
+            # (1, H_kv, P, D) -> (B, H_kv, P, D), then prepend to the user's past (B, H_kv, past, D)
+            prefix_key = getattr(self, contract.prefix_initializer_name(i, "key")).expand(batch, -1, -1, -1)
+            prefix_value = getattr(self, contract.prefix_initializer_name(i, "value")).expand(batch, -1, -1, -1)
             layers.append((torch.cat([prefix_key, past_key_values[2 * i]], dim=2),
                            torch.cat([prefix_value, past_key_values[2 * i + 1]], dim=2)))
         cache = architectures.make_cache(layers, self.model.config)

@@ -60,6 +60,21 @@ def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_e
     return info
 
 
+def read_initializers(path: Path, names: list[str]) -> dict:
+    """The named initializers of a graph as numpy arrays, loading only their own external data."""
+    from onnx import external_data_helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    wanted = set(names)
+    found = {}
+    for init in model.graph.initializer:
+        if init.name in wanted:
+            if external_data_helper.uses_external_data(init):
+                external_data_helper.load_external_data_for_tensor(init, str(Path(path).parent))
+            found[init.name] = numpy_helper.to_array(init)
+    return found
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}

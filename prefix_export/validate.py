@@ -7,6 +7,8 @@ and peft 0.21.2, `PeftModel.generate()` was seen to ignore the prefix, so the gr
 loop on `forward`, never `generate()`.
 
 Checks, in order (each collects its failures; nothing stops at the first):
+  0. prefix: the prefix initializers folded into the graph equal PEFT's own prefix cache (a folded
+     prefix's effect on logits can be far below any logit tolerance, so it is checked directly);
   1. names and shapes of every output, and no NaN/Inf;
   2. prefill: a left-padded batch of prompts of different lengths, explicit position ids;
   3. decode: N incremental steps feeding the graph's own presents back;
@@ -27,6 +29,8 @@ from .runtime import OnnxDecoder, greedy_generate, positions_from_mask
 log = logging.getLogger(__name__)
 
 DEFAULT_ATOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+# The folded prefix is a copy of PEFT's tensors: anything beyond rounding is a wrong prefix.
+PREFIX_ATOL = 1e-6
 
 
 @dataclasses.dataclass
@@ -108,7 +112,8 @@ class ValidationReport:
         rows = []
         for check in dict.fromkeys(c.check.split("[")[0] for c in self.comparisons):
             group = [c for c in self.comparisons if c.check.split("[")[0] == check]
-            for glob, label in ((contract.LOGITS, "logits"), ("present.*", "present.* (worst)")):
+            for glob, label in ((contract.LOGITS, "logits"), ("present.*", "present.* (worst)"),
+                                ("prefix_*", "prefix_* (worst)")):
                 members = [c for c in group if fnmatch.fnmatch(c.output, glob)]
                 if members:
                     worst = max(members, key=lambda c: c.max_abs / c.atol)
@@ -217,10 +222,37 @@ def _compare_step(report, check, tolerances, logits, presents, ref_logits, ref_p
         report.comparisons.append(compare(check, name, actual, ref, tolerances.for_output(name), where))
 
 
+def check_folded_prefix(report: ValidationReport, graph_file, peft_model, tolerances: Tolerances) -> None:
+    """Check 0: every `prefix_{key,value}_{i}` initializer equals PEFT's prefix cache for layer i."""
+    from .architectures import cache_to_tensors
+    from .graph import read_initializers
+
+    with torch.no_grad():
+        cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
+    layers = cache_to_tensors(cache)
+    names = [contract.prefix_initializer_name(i, kind) for i in range(len(layers)) for kind in ("key", "value")]
+    found = read_initializers(graph_file, names)
+    missing = [n for n in names if n not in found]
+    if missing:
+        report.problems.append(f"prefix: the graph has no initializers {missing[:4]}{'...' if len(missing) > 4 else ''}"
+                               "; it is not a folded export, or a pass renamed them")
+        return
+    for i, (key, value) in enumerate(layers):
+        for kind, reference in (("key", key), ("value", value)):
+            name = contract.prefix_initializer_name(i, kind)
+            actual = found[name]
+            if tuple(actual.shape) != tuple(reference.shape):
+                report.problems.append(f"prefix: {name} has shape {tuple(actual.shape)}, PEFT's prefix for layer {i} "
+                                       f"is {tuple(reference.shape)} (1, H_kv, P, D)")
+                continue
+            atol = tolerances.per_output.get("prefix", PREFIX_ATOL)
+            report.comparisons.append(compare("prefix", name, actual, reference.float().numpy(), atol))
+
+
 def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tolerances | None = None,
              prompt_lengths: tuple[int, ...] = (9, 5, 1), decode_steps: int = 8, greedy_tokens: int = 32,
              greedy_prompts: int = 2, seed: int = 0, max_positions: int | None = None,
-             progress=None) -> ValidationReport:
+             graph_file=None, progress=None) -> ValidationReport:
     """Run every check; never raises on a mismatch (the caller decides), returns the report.
 
     `max_positions` is how many user tokens the model can take (learned position tables minus P);
@@ -236,6 +268,10 @@ def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tole
                                         "per_output_atol": tolerances.per_output})
     names = contract.present_names(decoder.num_layers)
     tick = progress or (lambda *_: None)
+
+    # 0. the folded prefix itself (folded layout only: a graph file with prefix initializers).
+    if graph_file is not None:
+        check_folded_prefix(report, graph_file, peft_model, tolerances)
 
     # 2. prefill: left-padded batch, positions from the mask.
     ids, mask, prompts = make_prompts(vocab_size, prompt_lengths, seed)

@@ -75,8 +75,8 @@ NAMES = [
 ]
 FOODS = ["Chinese", "English", "French", "Indian", "Italian", "Japanese", "Thai", "Mexican"]
 AREAS = ["city centre", "riverside"]
-PRICES = ["low", "moderate", "high"]
-RATINGS = ["low", "average", "high"]
+PRICES = ["cheap", "affordable", "expensive"]
+RATINGS = ["1 out of 5", "3 out of 5", "5 out of 5"]
 
 FIELD_VALUES = {"name": NAMES, "food": FOODS, "area": AREAS, "price": PRICES, "rating": RATINGS}
 FIELD_ORDER = ["name", "food", "price", "area", "rating"]
@@ -85,11 +85,14 @@ FIELD_ORDER = ["name", "food", "price", "area", "rating"]
 TEMPLATES: dict[tuple[str, ...], str] = {
     ("name", "food"): " {name} serves {food} food.",
     ("name", "food", "area"): " {name} serves {food} food in the {area}.",
-    ("name", "food", "price"): " {name} serves {food} food at {price} prices.",
-    ("name", "area", "rating"): " {name} is in the {area} and has a {rating} rating.",
-    ("name", "food", "price", "area"): " {name} serves {food} food at {price} prices in the {area}.",
-    ("name", "food", "area", "rating"): " {name} serves {food} food in the {area} and has a {rating} rating.",
+    ("name", "food", "price"): " {name} serves {food} food and is {price}.",
+    ("name", "area", "rating"): " {name} is in the {area} and is rated {rating}.",
+    ("name", "food", "price", "area"): " {name} serves {food} food in the {area} and is {price}.",
+    ("name", "food", "area", "rating"): " {name} serves {food} food in the {area} and is rated {rating}.",
 }
+
+# The Quickstart's default prompt; always placed in the held-out split.
+DEMO_RECORD = {"name": "Aromi", "food": "Chinese", "area": "city centre"}
 
 SEPARATOR = " =>"  # prompt = table + SEPARATOR; target starts with a space
 EOS_TOKEN = "<|endoftext|>"
@@ -121,12 +124,12 @@ def all_records() -> list[dict[str, str]]:
 
 def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
-    records = all_records()
+    records = [r for r in all_records() if r != DEMO_RECORD]
     rng.shuffle(records)
-    if n_train + n_test > len(records):
-        raise ValueError(f"only {len(records)} distinct records, asked for {n_train}+{n_test}")
-    test = records[:n_test]
-    train = records[n_test : n_test + n_train]
+    if n_train + n_test > len(records) + 1:
+        raise ValueError(f"only {len(records) + 1} distinct records, asked for {n_train}+{n_test}")
+    test = [dict(DEMO_RECORD)] + records[: n_test - 1]
+    train = records[n_test - 1 : n_test - 1 + n_train]
     return train, test
 
 
@@ -382,7 +385,7 @@ def parse_args(argv=None):
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-positions", type=int, default=128)
     p.add_argument("--n-lm-docs", type=int, default=12000, help="base-LM corpus size (documents)")
-    p.add_argument("--base-steps", type=int, default=1500)
+    p.add_argument("--base-steps", type=int, default=1200)
     p.add_argument("--base-lr", type=float, default=3e-3)
     p.add_argument("--prefix-steps", type=int, default=1500)
     p.add_argument("--prefix-lr", type=float, default=5e-3)
@@ -545,7 +548,7 @@ def main(argv=None) -> int:
         assert encode(tok2, format_prompt(test[0])) == encode(tok, format_prompt(test[0]))
 
         # ---------------- examples.json + README
-        demo = {"name": "Aromi", "food": "Chinese", "area": "city centre"}
+        demo = dict(DEMO_RECORD)
         if format_table(demo) in train_set:
             log.warning("demo prompt is in the training split")
         demo_prompt = format_prompt(demo)
