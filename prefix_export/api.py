@@ -20,8 +20,10 @@ from .base_model import BaseModel, load_base_model
 from .checkpoint import PrefixCheckpoint, load_prefix_checkpoint
 from .errors import InputError, OutputError, ValidationError
 from .export import DEFAULT_OPSET, export_folded
+from .genai import write_genai_config
 from .prefix_kv import PREFIX_KV_FILE, build_peft_model, compute_prefix_kv
 from .runtime import OnnxDecoder, create_session, graph_path
+from .triton import check_name, model_name, write_triton_entry
 from .validate import DEFAULT_ATOL, Tolerances, ValidationReport, validate
 
 log = logging.getLogger(__name__)
@@ -103,16 +105,19 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                         prefix_config: str | Path | None = None, force: bool = False, run_validation: bool = True,
                         tolerances: Tolerances | None = None, dtype: str | None = None, opset: int = DEFAULT_OPSET,
                         external_data: bool = False, keep_invalid: bool = False, progress: bool = True,
-                        command_line: list[str] | None = None) -> ExportResult:
+                        command_line: list[str] | None = None, triton: bool | str = False) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     Every input is checked before anything is written; the folder appears only once complete and
     (unless `run_validation=False`) validated. A failed validation raises ValidationError, with the
-    export kept beside `out` as `out.invalid/` only when `keep_invalid` is set.
+    export kept beside `out` as `out.invalid/` only when `keep_invalid` is set. The folder always holds
+    genai_config.json (onnxruntime-genai); `triton` (True or a model name) adds a Triton repository entry.
     """
     started = time.perf_counter()
     folder, graph_name = output.resolve_output(out)
     output.check_destination(folder, force)
+    if isinstance(triton, str):
+        check_name(triton)
     steps = _Progress(7 if run_validation else 6, progress)
     try:
         base = model if isinstance(model, BaseModel) else load_base_model(model, dtype=dtype)
@@ -155,6 +160,10 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                 _remove_tree(raw_dir)
                 prefix_kv.save(tmp / PREFIX_KV_FILE, {"model_type": base.spec.model_type})
                 _save_model_files(base, tmp)
+                write_genai_config(tmp, base.spec, prefix_kv.num_virtual_tokens, graph_name, base.config,
+                                   getattr(base.model, "generation_config", None))
+                if triton:
+                    write_triton_entry(tmp, graph_name, triton if isinstance(triton, str) else model_name(folder))
                 steps("wrote folder")
                 report["graph"] = graph_info
                 validation = None

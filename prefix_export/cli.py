@@ -58,6 +58,9 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--external-data", action="store_true",
                         help="always write weights as external data (automatic above 2 GB)")
+    parser.add_argument("--triton", nargs="?", const=True, default=False, metavar="NAME",
+                        help="also write a Triton Inference Server model repository entry OUT/triton/NAME "
+                             "(config.pbtxt for the onnxruntime backend; NAME defaults to the folder's name)")
     parser.add_argument("--keep-invalid", action="store_true",
                         help="when validation fails, keep the export as OUT.invalid/ for inspection")
 
@@ -163,7 +166,7 @@ def cmd_export(args) -> int:
         args.model, args.prefix, args.out, prefix_config=args.prefix_config, force=args.force,
         run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid,
-        progress=not args.quiet and not args.json, command_line=["prefix-export", *sys.argv[1:]])
+        progress=not args.quiet and not args.json, command_line=["prefix-export", *sys.argv[1:]], triton=args.triton)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
