@@ -7,9 +7,9 @@ Layout, inside the export folder (the graph is hard-linked, so it costs no disk 
 
 Serve with `tritonserver --model-repository OUT/triton`. The model is one decoder step with the
 contract of `contract.py` (stateless: the client keeps the cache and feeds `present.*` back as
-`past_key_values.*`), so `max_batch_size: 0` and every dimension, batch included, is given. On a GPU
-the TensorRT execution accelerator is asked for (FP16, engine cache); the CUDA provider runs what
-TensorRT cannot; on a CPU-only server the accelerator section is ignored.
+`past_key_values.*`), so `max_batch_size: 0` and every dimension, batch included, is given. On a
+GPU the TensorRT execution accelerator is asked for (the graph's own precision, engine cache); the
+CUDA provider runs what TensorRT cannot; on a CPU-only server the accelerator section is ignored.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 
+from . import contract
 from .errors import ExportFailedError, InputError
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ _TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: 
                  onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
                  onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32",
                  onnx.TensorProto.BOOL: "TYPE_BOOL"}
-# TensorRT execution accelerator options of Triton's onnxruntime backend.
-TENSORRT_PARAMETERS = {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30),
-                       "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/triton_trt_cache"}
+# TensorRT execution accelerator options of Triton's onnxruntime backend; precision_mode follows the
+# graph's own dtype (FP32 keeps the validated numerics; set "FP16" by hand for speed, then re-check).
+TENSORRT_PARAMETERS = {"max_workspace_size_bytes": str(1 << 30), "trt_engine_cache_enable": "1",
+                       "trt_engine_cache_path": "/tmp/triton_trt_cache"}
 
 
 def model_name(folder: Path) -> str:
@@ -70,7 +72,10 @@ def build_config(graph_file: Path, name: str) -> str:
     model = onnx.load(str(graph_file), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    accelerator = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}' for k, v in TENSORRT_PARAMETERS.items())
+    logits = next(o for o in model.graph.output if o.name == contract.LOGITS)
+    half = logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    parameters = {"precision_mode": "FP16" if half else "FP32", **TENSORRT_PARAMETERS}
+    accelerator = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}' for k, v in parameters.items())
     return (
         f"# Triton model configuration written by prefix-export: one decoder step, the client keeps the cache.\n"
         f'name: "{name}"\n'
