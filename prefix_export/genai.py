@@ -26,16 +26,22 @@ GENAI_CONFIG_FILE = "genai_config.json"
 # genai's generic decoder-only model; its architecture-named types (llama, qwen2, ...) select the
 # same code path, with a few architecture-specific options we do not need.
 GENAI_MODEL_TYPE = "decoder"
-# For models without a position table (rotary, ALiBi) and no stated maximum, the context length
-# genai allocates for; users can raise `search.max_length` / `model.context_length` by hand.
+# For models that state no maximum length (ALiBi), the context length genai allocates for; users can
+# raise `search.max_length` / `model.context_length` in genai_config.json by hand.
 DEFAULT_CONTEXT_LENGTH = 2048
 
 
-def context_length(spec: ArchSpec, num_virtual_tokens: int) -> int:
-    """User tokens (prompt + new) the export can take: the model's positions minus the prefix's P."""
-    if spec.max_positions is None:
+def context_length(spec: ArchSpec, num_virtual_tokens: int, config=None) -> int:
+    """User tokens (prompt + new) the export can take: the model's positions minus the prefix's P.
+
+    Learned positions: the table's rows (ArchSpec.max_positions), a hard limit. Rotary: no table, but
+    the length the model was trained for (transformers' generic `max_position_embeddings`) still
+    counts the prefix's P positions, since PEFT shifts the user's positions by P.
+    """
+    limit = spec.max_positions or getattr(config, "max_position_embeddings", None)
+    if not limit:
         return DEFAULT_CONTEXT_LENGTH
-    return spec.max_positions - num_virtual_tokens
+    return int(limit) - num_virtual_tokens
 
 
 def _token_id(value) -> int | list[int] | None:
@@ -64,9 +70,10 @@ def special_token_ids(config, generation_config=None) -> dict[str, int | list[in
     return ids
 
 
-def build_genai_config(spec: ArchSpec, num_virtual_tokens: int, graph_name: str, token_ids: dict) -> dict:
+def build_genai_config(spec: ArchSpec, num_virtual_tokens: int, graph_name: str, token_ids: dict,
+                       config=None) -> dict:
     """The genai_config.json contents for a folded export of `spec` with a P-token prefix."""
-    length = context_length(spec, num_virtual_tokens)
+    length = context_length(spec, num_virtual_tokens, config)
     return {
         "model": {
             "type": GENAI_MODEL_TYPE,
@@ -117,7 +124,8 @@ def build_genai_config(spec: ArchSpec, num_virtual_tokens: int, graph_name: str,
 def write_genai_config(folder: Path, spec: ArchSpec, num_virtual_tokens: int, graph_name: str, config,
                        generation_config=None) -> Path:
     """Write `folder/genai_config.json`; the tokenizer files beside it are the model's own."""
-    content = build_genai_config(spec, num_virtual_tokens, graph_name, special_token_ids(config, generation_config))
+    content = build_genai_config(spec, num_virtual_tokens, graph_name, special_token_ids(config, generation_config),
+                                 config)
     path = Path(folder) / GENAI_CONFIG_FILE
     path.write_text(json.dumps(content, indent=2) + "\n")
     log.info("wrote %s (context length %d)", path.name, content["model"]["context_length"])

@@ -26,6 +26,7 @@ from prefix_export import architectures
 from prefix_export.api import export_prefix_model
 from prefix_export.genai import GENAI_CONFIG_FILE, context_length
 from prefix_export.runtime import OnnxDecoder, create_session, greedy_generate
+from prefix_export.validate import Tolerances
 from tiny_models import TINY_CONFIGS, make_prefix, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 PROMPT = [5, 17, 42, 9, 64, 3, 77]
 NEW_TOKENS = 16
 NUM_VIRTUAL_TOKENS = 3
+TEXT = "name: Aromi | food: Chinese | area: city centre =>"
+TOKENIZER_VOCAB = 300  # the tiny models get this vocabulary and a byte-level BPE tokenizer trained on TEXT
+MIN_DISTINCT = 4  # different tokens the tiny models' greedy output must show (see _tiny_varied_case)
 FAMILIES = architectures.supported_model_types()
 
 
@@ -57,20 +61,63 @@ class Case:
     prompt: list[int]
     expected: list[int]  # our greedy tokens, ending at the first end token when one is generated
     eos_token_id: int | list[int] | None
+    text: str | None  # `expected` decoded by the folder's tokenizer with transformers (None: no tokenizer)
 
 
-def _tiny_varied_model(model_type: str, folder: Path) -> None:
-    """A tiny model whose greedy output varies (default inits give one token repeated), saved to folder."""
+def _tiny_varied_case(model_type: str, model_dir: Path, prefix_dir: Path) -> None:
+    """A tiny model and prefix whose prefix-tuned greedy output varies, saved to model_dir/prefix_dir.
+
+    Default initialisations make tiny models repeat one token, and a comparison of sixteen equal
+    tokens proves little (a wrong position would go unseen). Weights are redrawn with a few seeds and
+    scales until PEFT's greedy output (forward only, cheap) shows at least MIN_DISTINCT tokens.
+    Embeddings are untied: with large tied embeddings, some families (gemma2) echo the last token.
+    """
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:  # matrices and embeddings; norms and biases keep their init
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    model.save_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size=TOKENIZER_VOCAB,
+                                                               tie_word_embeddings=False)).eval()
+    prompt = torch.tensor([PROMPT])
+    for seed, scale in [(1, 0.5), (2, 1.0), (3, 0.3), (4, 0.7), (5, 0.5), (6, 1.0), (7, 0.3), (8, 0.7)]:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim >= 2:  # matrices and embeddings; norms and biases keep their init
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(prefix_dir, ignore_errors=True)
+        model.save_pretrained(model_dir)
+        make_prefix(model_dir, prefix_dir, NUM_VIRTUAL_TOKENS, projection=True, trained=True)
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            tokens = _hf_greedy(PeftModel.from_pretrained(base, prefix_dir).eval(), prompt, NEW_TOKENS)
+        if len(set(tokens)) >= MIN_DISTINCT:
+            return
+
+
+def _save_tiny_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained here on a few sentences: <pad>=0, <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    corpus = [TEXT + " Aromi is a Chinese restaurant in the city centre.", "café naïve 東京 — the end"] * 10
+    tokenizer.train_from_iterator(corpus, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+
+
+def _hf_greedy(model, prompt: torch.Tensor, steps: int) -> list[int]:
+    tokens = prompt
+    for _ in range(steps):
+        next_token = model(input_ids=tokens).logits[0, -1].argmax()
+        tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
+    return tokens[0, prompt.shape[1]:].tolist()
 
 
 def _eos(folder: Path):
@@ -84,14 +131,23 @@ def _eos(folder: Path):
 
 
 def _build_case(name: str, model_dir: Path, prefix: Path, out: Path, prompt: list[int]) -> Case:
-    result = export_prefix_model(str(model_dir), prefix, out, progress=False)
+    # atol 1e-3: the tiny weights are drawn large (see _tiny_varied_case), so logits reach ~10-100 and
+    # float32 rounding alone exceeds the default 1e-4; the tokens compared below are exact.
+    result = export_prefix_model(str(model_dir), prefix, out, progress=False,
+                                 tolerances=None if name == "default" else Tolerances(atol=1e-3))
     assert result.validation.passed, result.validation.table()
     eos = _eos(out)
     decoder = OnnxDecoder(create_session(result.graph))
     first_eos = eos[0] if isinstance(eos, list) else eos  # greedy_generate takes one id
     new = greedy_generate(decoder, np.array([prompt]), np.ones((1, len(prompt)), np.int64), NEW_TOKENS,
                           first_eos)[0].tolist()
-    return Case(name, out, prompt, _until_eos(new, eos), eos)
+    expected = _until_eos(new, eos)
+    text = None
+    if (out / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(str(out)).decode(expected, skip_special_tokens=True)
+    return Case(name, out, prompt, expected, eos, text)
 
 
 def _until_eos(tokens: list[int], eos) -> list[int]:
@@ -119,10 +175,13 @@ class Cases:
         if name == "default":
             require((DEFAULT_MODEL / "base").is_dir() and (DEFAULT_MODEL / "prefix").is_dir(),
                     f"the embedded default model is not in {DEFAULT_MODEL} yet")
-            return _build_case(name, DEFAULT_MODEL / "base", DEFAULT_MODEL / "prefix", folder / "out", PROMPT)
+            from transformers import AutoTokenizer
+
+            prompt = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL / "base"))(TEXT)["input_ids"]
+            return _build_case(name, DEFAULT_MODEL / "base", DEFAULT_MODEL / "prefix", folder / "out", prompt)
         assert name in TINY_CONFIGS, f"{name} is registered but has no tiny config in tests/tiny_models.py"
-        _tiny_varied_model(name, folder / "model")
-        make_prefix(folder / "model", folder / "prefix", NUM_VIRTUAL_TOKENS, projection=True, trained=True)
+        _tiny_varied_case(name, folder / "model", folder / "prefix")
+        _save_tiny_tokenizer(folder / "model")
         return _build_case(name, folder / "model", folder / "prefix", folder / "out", PROMPT)
 
 
@@ -162,8 +221,33 @@ def test_genai_reproduces_greedy(cases, name):
     case = cases.get(name)
     got = genai_greedy(case.folder, case.prompt, NEW_TOKENS)
     assert got == case.expected, f"{name}: genai {got} != ours {case.expected}"
-    assert len(set(case.expected)) > 1 or len(case.expected) < NEW_TOKENS or name == "default", \
-        f"{name}: the model repeats one token, so this comparison proves little: {case.expected}"
+
+
+@pytest.mark.parametrize("name", ["default", "gpt2"])
+def test_genai_tokenizer_reads_the_folder(cases, name):
+    """genai's own tokenizer (onnxruntime-extensions) reads the tokenizer files the export copied."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        require(False, "onnxruntime-genai is not installed (pip install 'prefix-export[deploy]')")
+    from transformers import AutoTokenizer
+
+    case = cases.get(name)
+    require(case.text is not None, f"{name}: the export has no tokenizer.json")
+    reference = AutoTokenizer.from_pretrained(str(case.folder))
+    tokenizer = og.Tokenizer(og.Model(str(case.folder)))
+    ids = reference(TEXT)["input_ids"]
+    assert tokenizer.encode(TEXT).tolist() == ids
+    assert tokenizer.decode(np.array(ids, dtype=np.int32)) == reference.decode(ids, skip_special_tokens=True)
+    if "\ufffd" not in case.text:  # random tokens can be broken UTF-8, which genai drops and transformers replaces
+        assert tokenizer.decode(np.array(case.expected, dtype=np.int32)) == case.text
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_cases_are_informative(cases, name):
+    """Sixteen equal tokens would let a runtime's wrong positions go unseen: the cases must vary."""
+    expected = cases.get(name).expected
+    assert len(set(expected)) >= 3 or len(expected) < NEW_TOKENS, f"{name}: greedy output barely varies: {expected}"
 
 
 def test_genai_config_matches_the_export(cases):
@@ -184,6 +268,20 @@ def test_genai_config_matches_the_export(cases):
 
 
 # ---- optimum (its own venv: optimum-onnx pins transformers < 4.58) ---------------------------------
+
+# optimum-onnx 0.1.0 builds the first, empty cache from config.json with rules per model type
+# (optimum/onnxruntime/modeling_decoder.py), not from the graph's input shapes. Where its rules differ
+# from the cache transformers 5.24 builds, ONNX Runtime rejects the first step with "Got invalid
+# dimensions". The folders are fine: genai, Node and our own loop run them. A fixed optimum makes the
+# test fail, so this list cannot go stale.
+OPTIMUM_UNSUPPORTED = {
+    "falcon": "new_decoder_architecture: optimum feeds num_kv_heads heads; transformers caches K/V broadcast "
+              "to num_attention_heads",
+    "gemma2": "optimum ignores num_key_value_heads for gemma2 (feeds num_attention_heads), so GQA models fail",
+    "phi3": "optimum ignores num_key_value_heads for phi3 (feeds num_attention_heads), so GQA models "
+            "(phi-3-medium style; the tiny config has 2 KV heads) fail",
+    "qwen3": "optimum takes head_dim = hidden_size / num_attention_heads and ignores qwen3's explicit head_dim",
+}
 
 
 @pytest.fixture(scope="session")
@@ -206,6 +304,10 @@ def optimum_results(cases) -> dict[str, dict]:
 def test_optimum_reproduces_greedy(cases, optimum_results, name):
     case = cases.get(name)
     result = optimum_results[name]
+    if name in OPTIMUM_UNSUPPORTED:
+        assert "Got invalid dimensions for input: past_key_values" in result.get("error", ""), \
+            f"{name}: optimum now runs this family ({result}); remove it from OPTIMUM_UNSUPPORTED"
+        pytest.xfail(f"optimum-onnx limitation: {OPTIMUM_UNSUPPORTED[name]}")
     assert "error" not in result, f"{name}: ORTModelForCausalLM failed on the export folder: {result['error']}"
     got = _until_eos(result["new_token_ids"], case.eos_token_id)
     assert got == case.expected, f"{name}: optimum {got} != ours {case.expected}"
@@ -231,6 +333,7 @@ def test_node_reproduces_greedy(cases, name):
     case = cases.get(name)
     result = node_greedy(case.folder, case.prompt, NEW_TOKENS)
     assert result["new_token_ids"] == case.expected, f"{name}: node {result['new_token_ids']} != ours {case.expected}"
+    assert result["text"] == case.text, f"{name}: js/tokenizer.mjs decoded {result['text']!r}, transformers {case.text!r}"
 
 
 def test_node_rejects_bad_token_ids(cases):
@@ -279,6 +382,8 @@ def test_web_page_in_headless_chromium(cases, tmp_path):
     assert page["status"] == "done", f"the page says {page['message']!r}; console: {page['console']}"
     got = [int(t) for t in page["tokens"].split()]
     assert got == case.expected, f"browser {got} != ours {case.expected}"
+    if case.text is not None:
+        assert page["text"] == case.text
     # The screenshot is a real rendering of the page: a PNG with text on it, not a blank frame.
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, len(data)

@@ -3,12 +3,14 @@
 //
 //   node js/node/generate.mjs OUT_DIR --token-ids 5,17,42 [--max-new-tokens 32] [--ignore-eos] [--json]
 //
-// Prints the new token ids (space-separated), or a JSON object with --json. Token ids in and out:
-// the tokenizer stays in Python (`prefix-export generate` does text).
+// Prints the new token ids (space-separated) and, when the folder has a byte-level BPE or
+// SentencePiece-style tokenizer.json, their text; with --json one object. The prompt is token ids:
+// encoding text needs the model's pre-tokenizer and merges, which stay in Python.
 import fs from 'node:fs';
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { eosTokenId, greedyGenerate } from '../decoder.mjs';
+import { loadTokenizer } from '../tokenizer.mjs';
 
 function usage(message) {
   if (message) console.error(`generate.mjs: ${message}`);
@@ -66,11 +68,14 @@ async function main() {
   const started = performance.now();
   const newIds = await greedyGenerate(ort, session, args.tokenIds, args.maxNewTokens, eos);
   const seconds = (performance.now() - started) / 1000;
+  const tokenizer = loadTokenizer(readJson(path.join(args.folder, 'tokenizer.json')));
+  const text = tokenizer ? tokenizer.decode(newIds) : null;
   if (args.json) {
-    console.log(JSON.stringify({ folder: args.folder, prompt_token_ids: args.tokenIds, new_token_ids: newIds,
+    console.log(JSON.stringify({ folder: args.folder, prompt_token_ids: args.tokenIds, new_token_ids: newIds, text,
       eos_token_id: eos, seconds: Number(seconds.toFixed(4)), onnxruntime_node: ort.env.versions.node }));
   } else {
     console.log(newIds.join(' '));
+    if (text !== null) console.log(text);
   }
 }
 
