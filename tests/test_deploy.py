@@ -42,7 +42,23 @@ NUM_VIRTUAL_TOKENS = 3
 TEXT = "name: Aromi | food: Chinese | area: city centre =>"
 TOKENIZER_VOCAB = 300  # the tiny models get this vocabulary and a byte-level BPE tokenizer trained on TEXT
 MIN_DISTINCT = 4  # different tokens the tiny models' greedy output must show (see _tiny_varied_case)
-FAMILIES = architectures.supported_model_types()
+# Every registered family when PREFIX_EXPORT_DEPLOY_FAMILIES=all (CI sets it: one export each, ~10-50 s
+# on 2 cores); otherwise a representative few: learned positions + MHA, GQA + rotary, an explicit
+# head_dim, ALiBi. A comma-separated list picks others.
+REPRESENTATIVE = ("gpt2", "llama", "qwen3", "bloom")
+
+
+def _families() -> list[str]:
+    registered = architectures.supported_model_types()
+    chosen = os.environ.get("PREFIX_EXPORT_DEPLOY_FAMILIES", "").strip()
+    if chosen == "all":
+        return registered
+    if chosen:
+        return [f.strip() for f in chosen.split(",") if f.strip()]
+    return [f for f in REPRESENTATIVE if f in registered]
+
+
+FAMILIES = _families()
 
 
 def require(condition: bool, reason: str) -> None:
