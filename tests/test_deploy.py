@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +353,30 @@ def test_node_reproduces_greedy(cases, name):
     assert result["text"] == case.text, f"{name}: js/tokenizer.mjs decoded {result['text']!r}, transformers {case.text!r}"
 
 
+@pytest.mark.parametrize("name", ["default", "gpt2"])
+def test_node_encodes_text_prompts_like_transformers(cases, name):
+    """js/tokenizer.mjs's byte-level BPE gives transformers' ids, so `--prompt TEXT` means the same prompt."""
+    from transformers import AutoTokenizer
+
+    case = cases.get(name)
+    node = shutil.which("node")
+    require(node is not None and (NODE_DIR / "node_modules").is_dir(), "node or js/node/node_modules is missing")
+    reference = AutoTokenizer.from_pretrained(str(case.folder))
+    for text in (TEXT, "Hello  world!\n\nIt's 2024 \u2014 caf\u00e9 \u6771\u4eac ok   ", " a"):
+        run = subprocess.run([node, str(NODE_DIR / "generate.mjs"), str(case.folder), "--prompt", text,
+                              "--max-new-tokens", str(NEW_TOKENS), "--json"], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        result = json.loads(run.stdout)
+        assert result["prompt_token_ids"] == reference(text)["input_ids"], text
+    if name == "default":  # the default's case prompt is TEXT's ids, so the tokens are ours too
+        assert case.prompt == reference(TEXT)["input_ids"]
+        first = subprocess.run([node, str(NODE_DIR / "generate.mjs"), str(case.folder), "--prompt", TEXT,
+                                "--max-new-tokens", str(NEW_TOKENS), "--json"], capture_output=True, text=True,
+                               timeout=300)
+        assert json.loads(first.stdout)["new_token_ids"] == case.expected
+
+
 def test_node_rejects_bad_token_ids(cases):
     node = shutil.which("node")
     require(node is not None and (NODE_DIR / "node_modules").is_dir(), "node or js/node/node_modules is missing")
@@ -363,6 +388,10 @@ def test_node_rejects_bad_token_ids(cases):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     assert "is not a folder; expected an export folder" in run.stderr
+    run = subprocess.run([node, str(NODE_DIR / "generate.mjs"), str(cases.root), "--prompt", "a", "--token-ids", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "give --prompt TEXT or --token-ids 1,2,3 (one of them)" in run.stderr
 
 
 # ---- the browser (onnxruntime-web, WASM, headless Chromium) ----------------------------------------
@@ -385,8 +414,10 @@ def test_web_page_in_headless_chromium(cases, tmp_path):
     server = serve.start(case.folder)
     try:
         port = server.server_address[1]
-        url = (f"http://127.0.0.1:{port}/web/?autorun=1&ids={','.join(map(str, case.prompt))}"
-               f"&tokens={NEW_TOKENS}")
+        # The default's prompt is TEXT: the page encodes it itself; tiny models get ids.
+        prompt = (f"text={urllib.parse.quote(TEXT)}" if name == "default"
+                  else f"ids={','.join(map(str, case.prompt))}")
+        url = f"http://127.0.0.1:{port}/web/?autorun=1&{prompt}&tokens={NEW_TOKENS}"
         shot = tmp_path / "page.png"
         run = subprocess.run([node, str(WEB_DIR / "check.mjs"), url, str(shot), "--browser", CHROMIUM],
                              capture_output=True, text=True, timeout=300)

@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 // Greedy generation with a prefix-export folder on onnxruntime-node (CPU).
 //
-//   node js/node/generate.mjs OUT_DIR --token-ids 5,17,42 [--max-new-tokens 32] [--ignore-eos] [--json]
+//   node js/node/generate.mjs OUT_DIR --prompt "text" [--max-new-tokens 32] [--ignore-eos] [--json]
+//   node js/node/generate.mjs OUT_DIR --token-ids 5,17,42 ...
 //
 // Prints the new token ids (space-separated) and, when the folder has a byte-level BPE or
-// SentencePiece-style tokenizer.json, their text; with --json one object. The prompt is token ids:
-// encoding text needs the model's pre-tokenizer and merges, which stay in Python.
+// SentencePiece-style tokenizer.json, their text; with --json one object. --prompt needs a GPT-2-style
+// byte-level BPE tokenizer.json (js/tokenizer.mjs); --token-ids works with any folder.
 import fs from 'node:fs';
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
@@ -14,15 +15,17 @@ import { loadTokenizer } from '../tokenizer.mjs';
 
 function usage(message) {
   if (message) console.error(`generate.mjs: ${message}`);
-  console.error('usage: node generate.mjs OUT_DIR --token-ids 1,2,3 [--max-new-tokens N] [--ignore-eos] [--json]');
+  console.error('usage: node generate.mjs OUT_DIR (--prompt TEXT | --token-ids 1,2,3) [--max-new-tokens N] ' +
+    '[--ignore-eos] [--json]');
   process.exit(2);
 }
 
 function parseArgs(argv) {
-  const args = { folder: null, tokenIds: null, maxNewTokens: 32, ignoreEos: false, json: false, threads: 1 };
+  const args = { folder: null, tokenIds: null, prompt: null, maxNewTokens: 32, ignoreEos: false, json: false, threads: 1 };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '--token-ids') args.tokenIds = argv[++i];
+    else if (arg === '--prompt') args.prompt = argv[++i];
     else if (arg === '--max-new-tokens') args.maxNewTokens = Number(argv[++i]);
     else if (arg === '--threads') args.threads = Number(argv[++i]);
     else if (arg === '--ignore-eos') args.ignoreEos = true;
@@ -33,13 +36,15 @@ function parseArgs(argv) {
     else usage(`unexpected argument ${arg}`);
   }
   if (!args.folder) usage('OUT_DIR is required');
-  if (!args.tokenIds) usage('--token-ids is required (comma-separated integers)');
-  const ids = args.tokenIds.split(',').filter((t) => t.trim() !== '').map(Number);
-  if (!ids.length || ids.some((t) => !Number.isInteger(t) || t < 0)) {
-    usage(`--token-ids ${JSON.stringify(args.tokenIds)}: expected comma-separated non-negative integers`);
+  if ((args.tokenIds === null) === (args.prompt === null)) usage('give --prompt TEXT or --token-ids 1,2,3 (one of them)');
+  if (args.tokenIds !== null) {
+    const ids = args.tokenIds.split(',').filter((t) => t.trim() !== '').map(Number);
+    if (!ids.length || ids.some((t) => !Number.isInteger(t) || t < 0)) {
+      usage(`--token-ids ${JSON.stringify(args.tokenIds)}: expected comma-separated non-negative integers`);
+    }
+    args.tokenIds = ids;
   }
   if (!Number.isInteger(args.maxNewTokens) || args.maxNewTokens < 1) usage('--max-new-tokens must be a positive integer');
-  args.tokenIds = ids;
   return args;
 }
 
@@ -60,6 +65,14 @@ function graphPath(folder) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  const tokenizer = loadTokenizer(readJson(path.join(graphPath(args.folder), '..', 'tokenizer.json')));
+  if (args.prompt !== null) {
+    if (!tokenizer || !tokenizer.encode) {
+      throw new Error(`${args.folder} has no GPT-2-style byte-level BPE tokenizer.json that js/tokenizer.mjs can ` +
+        'encode with; pass --token-ids instead');
+    }
+    args.tokenIds = tokenizer.encode(args.prompt);
+  }
   const session = await ort.InferenceSession.create(graphPath(args.folder), {
     executionProviders: ['cpu'], intraOpNumThreads: args.threads, interOpNumThreads: 1,
   });
@@ -68,7 +81,6 @@ async function main() {
   const started = performance.now();
   const newIds = await greedyGenerate(ort, session, args.tokenIds, args.maxNewTokens, eos);
   const seconds = (performance.now() - started) / 1000;
-  const tokenizer = loadTokenizer(readJson(path.join(args.folder, 'tokenizer.json')));
   const text = tokenizer ? tokenizer.decode(newIds) : null;
   if (args.json) {
     console.log(JSON.stringify({ folder: args.folder, prompt_token_ids: args.tokenIds, new_token_ids: newIds, text,

@@ -1,6 +1,7 @@
 // The page's logic: load the export folder with onnxruntime-web (WASM, one thread) and decode greedily.
-// URL parameters: ?model=URL of the export folder (default ../model/, which serve.py maps to the export folder), &ids=5,17,42, &tokens=16,
-// &autorun=1 to generate on load (the headless test uses that).
+// URL parameters: ?model=URL of the export folder (default ../model/, which serve.py maps to the
+// export folder), &text=... or &ids=5,17,42 (ids clear the text), &tokens=16, &autorun=1 to generate
+// on load (the headless test uses that).
 import * as ort from './node_modules/onnxruntime-web/dist/ort.wasm.min.mjs';
 import { eosTokenId, greedyGenerate } from '../decoder.mjs';
 import { loadTokenizer } from '../tokenizer.mjs';
@@ -8,7 +9,11 @@ import { loadTokenizer } from '../tokenizer.mjs';
 const params = new URLSearchParams(location.search);
 const modelUrl = new URL(params.get('model') || '../model/', location.href).href.replace(/\/?$/, '/');
 const $ = (id) => document.getElementById(id);
-if (params.get('ids')) $('prompt').value = params.get('ids');
+if (params.get('ids')) {
+  $('prompt').value = params.get('ids');
+  $('text-prompt').value = '';
+}
+if (params.get('text')) $('text-prompt').value = params.get('text');
 if (params.get('tokens')) $('max-new-tokens').value = params.get('tokens');
 $('model-url').textContent = modelUrl;
 
@@ -39,6 +44,11 @@ async function load() {
 }
 
 async function run(model) {
+  const text = $('text-prompt').value;
+  if (text && !(model.tokenizer && model.tokenizer.encode)) {
+    throw new Error('the folder has no byte-level BPE tokenizer.json to encode text with; clear the text and give ids');
+  }
+  if (text) $('prompt').value = model.tokenizer.encode(text).join(',');
   const ids = $('prompt').value.split(',').filter((t) => t.trim()).map(Number);
   const maxNewTokens = Number($('max-new-tokens').value);
   setStatus('running', 'generating…');
