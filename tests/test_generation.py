@@ -15,40 +15,9 @@ from prefix_export.cli import main
 from prefix_export.decoding import GenerationConfig, load_prefix_file
 from prefix_export.generate import ExportRunner
 from prefix_export.graph import read_metadata
-from tiny_models import make_prefix, save_tiny_model, tiny_config
 
 PROMPTS = [[5, 17, 42, 9, 64, 3, 77], [11, 2], [90, 33, 7, 120]]
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def lively_model(tmp_path_factory):
-    """A tiny GPT-2 with large random weights, so greedy continuations vary instead of repeating."""
-    folder = tmp_path_factory.mktemp("lively")
-    save_tiny_model(tiny_config("gpt2", initializer_range=0.3), folder, seed=1)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, lively_model):
-    """Three PEFT adapters: A and B with P=4, C with P=2 (a shorter prefix for masking)."""
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: make_prefix(lively_model, root / name, P, projection=True, trained=True, seed=seed)
-            for name, P, seed in (("A", 4, 0), ("B", 4, 7), ("C", 2, 3))}
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, lively_model, adapters):
-    """Adapter A exported twice: folded (library call) and cache layout (through the CLI)."""
-    from prefix_export.api import export_prefix_model
-
-    root = tmp_path_factory.mktemp("exports")
-    folded = export_prefix_model(str(lively_model), adapters["A"], root / "folded", progress=False)
-    assert folded.validation.passed, folded.validation.table()
-    code = main(["--model", str(lively_model), "--prefix", str(adapters["A"]), "--out", str(root / "cache"),
-                 "--layout", "cache", "-q"])
-    assert code == 0
-    return {"folded": root / "folded", "cache": root / "cache"}
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +193,19 @@ def _batch(rows):
     from prefix_export.generate import left_pad
 
     return left_pad(rows, 0)
+
+
+def test_validate_command_on_cache_layout(exports, prefix_files, tmp_path, capsys):
+    """`prefix-export validate` drives the cache layout through its prefix file, and notices a wrong one."""
+    import shutil
+
+    assert main(["validate", str(exports["cache"])]) == 0
+    assert "validation PASSED" in capsys.readouterr().out
+    tampered = tmp_path / "tampered"
+    shutil.copytree(exports["cache"], tampered)
+    shutil.copyfile(prefix_files["B"], tampered / "prefix_kv.safetensors")  # another task's prefix, same shape
+    assert main(["validate", str(tampered)]) == 1
+    out = capsys.readouterr().out
+    assert "prefix_kv.safetensors changed since export" in out
+    assert "prefix    prefix_* (worst)" in out and "FAILED" in out.split("prefix_* (worst)")[1].splitlines()[0]
+    assert "tokens differ" in out or "greedy" in out

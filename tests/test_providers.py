@@ -14,14 +14,10 @@ from prefix_export.errors import InputError, RuntimeSetupError
 from prefix_export.sessions import SessionSettings, build_provider_options, open_session, read_facts
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, gpt2_dir, gpt2_adapter):
-    """The session's tiny GPT-2 + P=4 adapter, exported in both layouts (validated)."""
-    from prefix_export.api import export_prefix_model
-
-    root = tmp_path_factory.mktemp("layouts")
-    return {layout: export_prefix_model(str(gpt2_dir), gpt2_adapter, root / layout, layout=layout,
-                                        progress=False).folder for layout in ("folded", "cache")}
+@pytest.fixture
+def exported(exports):
+    """The lively tiny GPT-2 (H_kv 4, D 8, 128 positions) + a P=4 adapter, in both layouts (conftest)."""
+    return exports
 
 
 def parse_profile(text: str) -> dict[str, list[int]]:
