@@ -151,6 +151,13 @@ class ExportRunner:
             lengths = [self.facts.num_virtual_tokens]
         self.check_lengths(rows, config, lengths)
         ids, mask = left_pad(rows, config.pad_token_id)
+        window = self.facts.sliding_window
+        if window and len({len(r) for r in rows}) > 1 and max(lengths) + ids.shape[1] + config.max_new_tokens > window:
+            # transformers counts cache positions, pads included, in the window: padded rows then see
+            # fewer real tokens than they would alone (the graph matches transformers/PEFT on this)
+            log.warning("sliding-window model (window %d) with left padding beyond the window: padded rows can "
+                        "differ from generating them alone; batch prompts of equal length for identical results",
+                        window)
         return rows, ids, mask, config, arrays
 
     # ---- generation ----------------------------------------------------------------------------

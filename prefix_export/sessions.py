@@ -47,6 +47,7 @@ class ExportFacts:
     max_positions: int | None  # position table rows (learned positions), else None
     eos_token_id: int | None
     pad_token_id: int | None
+    sliding_window: int | None = None  # attention window (cache positions), from the report
 
 
 def _first(value):
@@ -81,7 +82,8 @@ def read_facts(folder: str | Path) -> ExportFacts:
         max_positions = architecture.get("max_positions") if architecture.get("positions") == "learned" else None
     else:
         max_positions = config.get("n_positions")
-    return ExportFacts(folder, graph, layout, int(metadata[contract.META_PREFIX_LENGTH]), max_positions, eos, pad)
+    return ExportFacts(folder, graph, layout, int(metadata[contract.META_PREFIX_LENGTH]), max_positions, eos, pad,
+                       architecture.get("sliding_window"))
 
 
 @dataclasses.dataclass

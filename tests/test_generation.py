@@ -209,3 +209,20 @@ def test_validate_command_on_cache_layout(exports, prefix_files, tmp_path, capsy
     assert "prefix_kv.safetensors changed since export" in out
     assert "prefix    prefix_* (worst)" in out and "FAILED" in out.split("prefix_* (worst)")[1].splitlines()[0]
     assert "tokens differ" in out or "greedy" in out
+
+
+def test_cache_layout_on_a_rotary_multi_query_model(tmp_path):
+    """Not GPT-2 only: qwen3 (rotary, one KV head, head_dim set apart from hidden/heads), cache layout."""
+    from prefix_export.api import export_prefix_model
+    from tiny_models import make_prefix, save_tiny_model, tiny_config
+
+    save_tiny_model(tiny_config("qwen3"), tmp_path / "model")
+    make_prefix(tmp_path / "model", tmp_path / "prefix", 3, projection=True, trained=True)
+    result = export_prefix_model(str(tmp_path / "model"), tmp_path / "prefix", tmp_path / "out", layout="cache",
+                                 progress=False)
+    assert result.validation.passed, result.validation.table()
+    runner = ExportRunner(result.folder)
+    rows = [PROMPTS[0], PROMPTS[1]]
+    batched = greedy(runner, rows, steps=8)
+    assert batched == [greedy(runner, [r], steps=8)[0] for r in rows]
+    assert batched[0] == peft_greedy(tmp_path / "model", tmp_path / "prefix", rows[0], steps=8)
