@@ -20,9 +20,9 @@ from . import __version__, contract, graph, output
 from .base_model import BaseModel, load_base_model
 from .checkpoint import PrefixCheckpoint, load_prefix_checkpoint
 from .errors import InputError, OutputError, ValidationError
-from .export import DEFAULT_OPSET, export_folded
+from .export import DEFAULT_OPSET, LAYOUTS, export_decoder
 from .prefix_kv import PREFIX_KV_FILE, build_peft_model, compute_prefix_kv
-from .runtime import OnnxDecoder, create_session, graph_path
+from .runtime import CacheLayoutDecoder, OnnxDecoder, create_session, graph_path
 from .validate import DEFAULT_ATOL, Tolerances, ValidationReport, validate
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,18 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                         prefix_config: str | Path | None = None, force: bool = False, run_validation: bool = True,
                         tolerances: Tolerances | None = None, dtype: str | None = None, opset: int = DEFAULT_OPSET,
                         external_data: bool = False, keep_invalid: bool = False, progress: bool = True,
-                        command_line: list[str] | None = None) -> ExportResult:
+                        command_line: list[str] | None = None, layout: str = "folded") -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     Every input is checked before anything is written; the folder appears only once complete and
     (unless `run_validation=False`) validated. A failed validation raises ValidationError, with the
     export kept beside `out` as `out.invalid/` only when `keep_invalid` is set.
+    `layout`: "folded" (prefix inside the graph) or "cache" (the plain base decoder; the runtime feeds
+    prefix_kv.safetensors as the first past).
     """
     started = time.perf_counter()
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}.")
     folder, graph_name = output.resolve_output(out)
     output.check_destination(folder, force)
     steps = _Progress(7 if run_validation else 6, progress)
@@ -136,7 +140,7 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                   "prefix_config": str(prefix_config) if prefix_config else None, "checkpoint_kind": checkpoint.kind,
                   "sha256": _hashes(checkpoint.files + _model_files(base))}
         report = {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
-                  "created_unix": int(time.time()), "layout": "folded", "versions": library_versions(),
+                  "created_unix": int(time.time()), "layout": layout, "versions": library_versions(),
                   "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
                   "inputs": inputs,
                   "architecture": dataclasses.asdict(base.spec),
@@ -145,7 +149,7 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                              "prefix_projection": bool(checkpoint.config.prefix_projection)},
                   "io": {"inputs": contract.input_names(base.spec.num_layers),
                          "outputs": contract.output_names(base.spec.num_layers)}}
-        metadata = {contract.META_PREFIX_LENGTH: str(prefix_kv.num_virtual_tokens), contract.META_LAYOUT: "folded",
+        metadata = {contract.META_PREFIX_LENGTH: str(prefix_kv.num_virtual_tokens), contract.META_LAYOUT: layout,
                     contract.META_VERSION: __version__, "prefix_export.model_type": base.spec.model_type,
                     "prefix_export.source_sha256": json.dumps(inputs["sha256"], sort_keys=True),
                     "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
@@ -154,7 +158,7 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                 raw_dir = tmp / ".raw"
                 raw_dir.mkdir()
                 t0 = time.perf_counter()
-                export_folded(base.model, prefix_kv, base.spec, raw_dir / graph_name, opset=opset)
+                export_decoder(base.model, prefix_kv, base.spec, raw_dir / graph_name, opset=opset, layout=layout)
                 steps("exported graph")
                 graph_info = graph.finalize(raw_dir / graph_name, tmp / graph_name, metadata, external_data)
                 report["timing_s"] = {"export": round(time.perf_counter() - t0, 3)}
@@ -166,10 +170,10 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                 validation = None
                 if run_validation:
                     t0 = time.perf_counter()
-                    decoder = OnnxDecoder(create_session(tmp / graph_name, "cpu"))
+                    decoder, where = _validation_decoder(tmp / graph_name, layout)
                     validation = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
                                           max_positions=_position_budget(base, prefix_kv.num_virtual_tokens),
-                                          graph_file=tmp / graph_name)
+                                          **where)
                     report["timing_s"]["validation"] = round(time.perf_counter() - t0, 3)
                     report["validation"] = validation.to_dict()
                     steps("validated")
@@ -191,6 +195,21 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
     finally:
         steps.close()
     return ExportResult(folder, folder / graph_name, report, validation)
+
+
+def _validation_decoder(graph_file: Path, layout: str):
+    """The decoder validate() drives, and where it finds the prefix to check against PEFT's.
+
+    folded: the graph itself (its prefix initializers). cache: the graph seen through
+    CacheLayoutDecoder (prefix fed as the first past), and prefix_kv.safetensors beside it.
+    """
+    decoder = OnnxDecoder(create_session(graph_file, "cpu"))
+    if layout != "cache":
+        return decoder, {"graph_file": graph_file}
+    from .decoding import load_prefix_file
+
+    prefix_file = graph_file.parent / PREFIX_KV_FILE
+    return CacheLayoutDecoder(decoder, load_prefix_file(prefix_file)), {"prefix_kv_file": prefix_file}
 
 
 def _position_budget(base: BaseModel, num_virtual_tokens: int) -> int | None:
@@ -261,9 +280,9 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     if tolerances is None:
         tolerances = Tolerances(atol=report.get("validation", {}).get("settings", {}).get("atol", 1e-4))
     graph_file = graph_path(folder)
-    decoder = OnnxDecoder(create_session(graph_file, "cpu"))
+    decoder, where = _validation_decoder(graph_file, report.get("layout", "folded"))
     result = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
-                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens), graph_file=graph_file)
+                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens), **where)
     result.problems[:0] = [f"hash: {p}" for p in problems]
     return result
 
