@@ -167,16 +167,23 @@ def export_decoder(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectu
 
 def export_graphs(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectures.ArchSpec, raw_dir: Path,
                   out_dir: Path, metadata: dict[str, str], opset: int, external_data: bool) -> dict:
-    """Export both graphs into `raw_dir`, finalize them (metadata, checker) into `out_dir`; graph infos."""
+    """Export both graphs into `raw_dir`, finalize them (metadata, checker) into `out_dir`.
+
+    Returns graph.finalize's info summed over the two graphs (what the report's `graph` holds for
+    a single-graph export), with each graph's own info under `parts`.
+    """
     from . import graph
 
-    infos = {}
+    parts = {}
     for name, export in ((contract.ENCODER_GRAPH, lambda path: export_encoder(model, spec, path, opset)),
                          (contract.DECODER_GRAPH, lambda path: export_decoder(model, prefix_kv, spec, path, opset))):
-        (raw_dir / name).parent.mkdir(parents=True, exist_ok=True)
         export(raw_dir / name)
-        infos[name.removesuffix(".onnx")] = graph.finalize(raw_dir / name, out_dir / name, metadata, external_data)
-    return infos
+        parts[name] = graph.finalize(raw_dir / name, out_dir / name, metadata, external_data)
+    external = [info["external_data"] for info in parts.values() if info["external_data"]]
+    return {"graph": " + ".join(parts), "external_data": ", ".join(external) or None,
+            "weight_bytes": sum(info["weight_bytes"] for info in parts.values()),
+            "nodes": sum(info["nodes"] for info in parts.values()), "opset": parts[contract.DECODER_GRAPH]["opset"],
+            "bfloat16_ops_upcast": sum(info["bfloat16_ops_upcast"] for info in parts.values()), "parts": parts}
 
 
 def io_names(spec: architectures.ArchSpec) -> dict:

@@ -118,11 +118,13 @@ def _check_seq2seq_fits(base: BaseModel, expected) -> None:
             f"{expected.num_attention_heads} heads x {peft_head_dim} (token_dim {expected.token_dim} / heads), but the "
             f"decoder's self-attention cache holds {spec.num_kv_heads} heads x {spec.head_dim} (e.g. T5's d_kv is not "
             "d_model / num_heads), so PEFT's own forward fails. There is nothing correct to export.")
-    if expected.num_layers != spec.num_layers:
+    if expected.num_layers < spec.num_layers:
+        # A shallower decoder (distilbart-12-6 style) is fine: PEFT's extra prefix layers go unused.
         raise UnsupportedError(
-            f"PEFT {_peft_version()} provisions a {spec.model_type} prefix for {expected.num_layers} layers (the "
-            f"encoder's depth) but the decoder, which takes it, has {spec.num_layers}; prefix-export supports "
-            "encoder-decoder models whose encoder and decoder have the same number of layers.")
+            f"PEFT {_peft_version()} cannot prefix-tune this {spec.model_type} configuration: it provisions the prefix "
+            f"for {expected.num_layers} layers (the encoder's depth), but the decoder, which takes it, has "
+            f"{spec.num_layers}, so PEFT's own forward fails (IndexError in its cache). There is nothing correct "
+            "to export; only models whose decoder is at most as deep as the encoder can be prefix-tuned.")
 
 
 def build_peft_model(base: BaseModel, checkpoint: PrefixCheckpoint):
@@ -147,7 +149,7 @@ def compute_prefix_kv(peft_model, spec: architectures.ArchSpec) -> PrefixKV:
     with torch.no_grad():
         cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
     if spec.is_seq2seq:
-        layers = seq2seq_self_attention_prefix(cache, spec)
+        layers = seq2seq_self_attention_prefix(cache, spec)[:spec.num_layers]  # PEFT: encoder depth >= decoder's
     else:
         layers = architectures.cache_to_tensors(cache)
     if len(layers) != spec.num_layers:

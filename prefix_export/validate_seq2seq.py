@@ -31,14 +31,19 @@ log = logging.getLogger(__name__)
 # ---- reference: PEFT's own forward ---------------------------------------------------------------
 
 
-def _reference_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray):
+def _reference_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray,
+                       num_layers: int | None = None):
     """PEFT forward over the whole decoder sequence: logits (B, T, V), encoder output (B, S, d),
-    the user part of the self-attention cache ([P:]) and the cross-attention cache, numpy."""
+    the user part of the self-attention cache ([P:]) and the cross-attention cache, numpy.
+
+    PEFT's self-attention cache has a layer per *encoder* layer; a shallower decoder's cache is its
+    first `num_layers`."""
     P = peft_model.active_peft_config.num_virtual_tokens
     with torch.no_grad():
         out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                          decoder_input_ids=torch.from_numpy(decoder_input_ids), use_cache=True, return_dict=True)
     self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(architectures.output_cache(out))
+    self_layers, cross_layers = self_layers[:num_layers], cross_layers[:num_layers]
     presents = []
     for key, value in self_layers:
         presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
@@ -77,13 +82,17 @@ def make_encoder_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 
     return ids, mask, prompts
 
 
-def check_folded_prefix(report: ValidationReport, decoder_graph, peft_model, tolerances: Tolerances) -> None:
-    """Check 0: every `prefix_decoder_{key,value}_{i}` equals PEFT's self-attention prefix of layer i."""
+def check_folded_prefix(report: ValidationReport, decoder_graph, peft_model, num_layers: int,
+                        tolerances: Tolerances) -> None:
+    """Check 0: every `prefix_decoder_{key,value}_{i}` equals PEFT's self-attention prefix of layer i.
+
+    PEFT provisions the prefix for the encoder's depth; a shallower decoder uses its first layers."""
     from .graph import read_initializers
 
     with torch.no_grad():
         cache = peft_model.get_prompt(batch_size=1)
     self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(cache)
+    self_layers = self_layers[:num_layers]
     if any(key.shape[2] for key, _ in cross_layers):
         report.problems.append("prefix: PEFT puts prefix positions into the cross-attention cache; the graph folds "
                                "the prefix into decoder self-attention only")
@@ -140,7 +149,14 @@ def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, p
     report.comparisons.append(compare(check, contract.LOGITS, logits, ref_logits[:, -seq:],
                                       tolerances.for_output(contract.LOGITS)))
     cross_where = encoder_mask[:, None, :, None].astype(bool)
+    if len(ref_presents) != len(presents):
+        report.problems.append(f"{check}: PEFT's cache has {len(ref_presents)} tensors, the graph returns "
+                               f"{len(presents)} presents")
+        return False
     for name, actual, reference in zip(expected_names[1:], presents, ref_presents):
+        if actual.shape != reference.shape:
+            report.problems.append(f"{check}: {name} has shape {actual.shape}, PEFT's cache {reference.shape}")
+            continue
         where = cross_where if ".encoder." in name else None
         report.comparisons.append(compare(check, name, actual, reference, tolerances.for_output(name), where))
     return True
@@ -171,7 +187,7 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
     vocab = spec.vocab_size
 
     if decoder_graph is not None:
-        check_folded_prefix(report, decoder_graph, peft_model, tolerances)
+        check_folded_prefix(report, decoder_graph, peft_model, spec.num_layers, tolerances)
 
     # 1. encoder: right-padded batch; only real positions are compared.
     ids, mask, prompts = make_encoder_prompts(vocab, prompt_lengths, seed)
@@ -184,7 +200,7 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
     rng = np.random.default_rng(seed + 1)
     decoder_ids = np.concatenate([np.full((batch, 1), start, np.int64),
                                   rng.integers(3, vocab, size=(batch, first_step_tokens - 1), dtype=np.int64)], axis=1)
-    ref_logits, ref_hidden, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids)
+    ref_logits, ref_hidden, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
     if _check_shapes(report, "encoder", [contract.LAST_HIDDEN_STATE], [hidden],
                      {contract.LAST_HIDDEN_STATE: ref_hidden.shape}):
         report.comparisons.append(compare("encoder", contract.LAST_HIDDEN_STATE, hidden, ref_hidden,
@@ -203,7 +219,7 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
         next_ids = rng.integers(3, vocab, size=(batch, 1), dtype=np.int64)
         decoder_ids = np.concatenate([decoder_ids, next_ids], axis=1)
         logits, past = model.decode(next_ids, mask, no_states, past)
-        ref_logits, _, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids)
+        ref_logits, _, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
         if not _check_decoder_step(report, f"decode[{step}]", model, tolerances, logits, past, ref_logits,
                                    ref_presents, mask, vocab):
             break

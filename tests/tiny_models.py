@@ -37,9 +37,10 @@ TINY_CONFIGS = {
     "gemma2": dict(num_key_value_heads=2, head_dim=8, sliding_window=8, query_pre_attn_scalar=8, **_LLAMA),
     # Encoder-decoder (PEFT SEQ_2_SEQ_LM), parity test in test_seq2seq.py. BART: learned positions in a
     # small table (64 rows, so the decoder's P offset and token budget matter), tied embeddings and
-    # final_logits_bias. T5: relative position bias with few buckets and a short max distance (so
+    # final_logits_bias, a decoder shallower than the encoder (distilbart style: PEFT sizes the
+    # prefix by the encoder's depth). T5: relative position bias with few buckets and a short max distance (so
     # the prefix's P offset moves tokens between buckets), untied, gated-GELU (v1.1 style).
-    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    "bart": dict(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                  decoder_start_token_id=2, forced_eos_token_id=None, **_COMMON),
     "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
