@@ -144,8 +144,23 @@ def test_seq2seq_family_matches_peft(tmp_path, model_dirs, model_type, projectio
     assert err <= 1e-4
     assert got == expected
 
-    if projection:  # `prefix-export validate OUT` rechecks a seq2seq folder the same way
+    if projection:  # `prefix-export validate OUT` rechecks a seq2seq folder the same way, and can fail
         assert validate_export(out).passed
+        _tamper_with_prefix(out / "decoder_model.onnx")
+        failed = validate_export(out)
+        assert not failed.passed
+        failures = "\n".join(failed.failures())
+        assert "decoder_model.onnx changed since export" in failures and "prefix_decoder_key_0" in failures
+
+
+def _tamper_with_prefix(graph_file):
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_file))
+    for init in model.graph.initializer:
+        if init.name == "prefix_decoder_key_0":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.5, init.name))
+    onnx.save(model, str(graph_file))
 
 
 def _adapter(model_dir, folder, **config):
