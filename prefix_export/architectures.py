@@ -258,6 +258,24 @@ def make_encoder_decoder_cache(self_layers: list[tuple[torch.Tensor, torch.Tenso
     return cache
 
 
+def cross_attention_mask(model: torch.nn.Module, inputs_embeds: torch.Tensor, mask: torch.Tensor):
+    """What a seq2seq model must be given as its encoder `attention_mask` so that cross-attention is
+    masked by `mask` (B, S_cross) even when its `encoder_hidden_states` are shorter (empty).
+
+    transformers 5.x sizes the cross-attention mask from encoder_hidden_states
+    (masking_utils.create_bidirectional_mask) but passes a ready 4D mask through, so the model's own
+    function builds it here with the right length; 4.x models expand the 2D mask by its own length.
+    """
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "create_bidirectional_mask"):  # transformers 4.x
+        return mask
+    batch, length = mask.shape
+    return masking_utils.create_bidirectional_mask(
+        config=model.config, inputs_embeds=inputs_embeds, attention_mask=mask,
+        encoder_hidden_states=inputs_embeds.new_zeros(batch, length, 1), allow_is_bidirectional_skip=False)
+
+
 def encoder_decoder_cache_tensors(cache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
                                                    list[tuple[torch.Tensor, torch.Tensor]]]:
     """(self-attention layers, cross-attention layers) of an EncoderDecoderCache, each [(key, value)]."""

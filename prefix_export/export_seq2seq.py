@@ -63,7 +63,6 @@ class PrefixFoldedSeq2SeqDecoder(torch.nn.Module):
 
     def forward(self, input_ids, encoder_attention_mask, encoder_hidden_states,
                 past_self: list[torch.Tensor], past_cross: list[torch.Tensor]):
-        from transformers.masking_utils import create_bidirectional_mask
         from transformers.modeling_outputs import BaseModelOutput
 
         batch = input_ids.shape[0]
@@ -84,14 +83,12 @@ class PrefixFoldedSeq2SeqDecoder(torch.nn.Module):
         # exporter does not tie the mask's length to the two inputs it is the sum of.
         cross_mask = encoder_attention_mask.index_select(
             1, torch.arange(cross_length, device=encoder_attention_mask.device))
-        # The model's own 4D cross-attention mask (the model returns a 4D mask as is); built here because
-        # the model would size it from encoder_hidden_states, which are empty after the first step.
+        # The model would size its cross-attention mask from encoder_hidden_states, empty after the
+        # first step; the registry says what to pass instead in this transformers version.
         embeds = self.model.get_input_embeddings()(input_ids)  # only batch, query length, dtype are read
-        mask_4d = create_bidirectional_mask(
-            config=self.model.config, inputs_embeds=embeds, attention_mask=cross_mask,
-            encoder_hidden_states=embeds.new_zeros(batch, cross_length, 1), allow_is_bidirectional_skip=False)
+        mask = architectures.cross_attention_mask(self.model, embeds, cross_mask)
         out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
-                         attention_mask=mask_4d, decoder_input_ids=input_ids, use_cache=True, return_dict=True,
+                         attention_mask=mask, decoder_input_ids=input_ids, use_cache=True, return_dict=True,
                          **architectures.cache_kwargs(self.model, cache))
         self_out, cross_out = architectures.encoder_decoder_cache_tensors(architectures.output_cache(out))
         presents = []
