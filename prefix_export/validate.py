@@ -112,8 +112,8 @@ class ValidationReport:
         rows = []
         for check in dict.fromkeys(c.check.split("[")[0] for c in self.comparisons):
             group = [c for c in self.comparisons if c.check.split("[")[0] == check]
-            for glob, label in ((contract.LOGITS, "logits"), ("present.*", "present.* (worst)"),
-                                ("prefix_*", "prefix_* (worst)")):
+            for glob, label in (("last_hidden_state", "last_hidden_state"), (contract.LOGITS, "logits"),
+                                ("present.*", "present.* (worst)"), ("prefix_*", "prefix_* (worst)")):
                 members = [c for c in group if fnmatch.fnmatch(c.output, glob)]
                 if members:
                     worst = max(members, key=lambda c: c.max_abs / c.atol)
