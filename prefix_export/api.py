@@ -204,7 +204,7 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                     if keep_invalid:
                         _keep_invalid(tmp, folder)
                     raise ValidationError(
-                        f"the exported graph does not match PEFT's forward:\n" + "\n".join(validation.failures()[:20]),
+                        "the exported graph does not match PEFT's forward:\n" + "\n".join(validation.failures()[:20]),
                         report=validation)
         except OSError as exc:
             raise output.translate_os_error(exc, folder) from exc

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import contract
 from .errors import RuntimeSetupError
-from .providers import ort_package as _ort_package, resolve_provider  # noqa: F401 - re-exported
+from .providers import resolve_provider  # noqa: F401 - re-exported for callers of runtime.resolve_provider
 
 log = logging.getLogger(__name__)
 
