@@ -9,7 +9,7 @@ import pytest
 from prefix_export import contract
 from prefix_export.api import export_prefix_model
 from prefix_export.cli import main
-from prefix_export.errors import ExportFailedError, InputError
+from prefix_export.errors import ExportFailedError, InputError, UnsupportedError
 from prefix_export.triton import CONFIG_FILE, load_model_config_proto, parse_config
 
 
@@ -69,3 +69,13 @@ def test_triton_name_is_checked_before_any_work(tmp_path, gpt2_dir, gpt2_adapter
                  "--triton", "a/b", "-q"])
     assert code == 2
     assert "expected a model name" in capsys.readouterr().err
+
+
+def test_triton_refuses_seq2seq_before_exporting(tmp_path):
+    from tiny_models import make_prefix, save_tiny_model, tiny_config
+
+    save_tiny_model(tiny_config("t5"), tmp_path / "t5")
+    make_prefix(tmp_path / "t5", tmp_path / "prefix", num_virtual_tokens=2, projection=False, trained=False)
+    with pytest.raises(UnsupportedError, match="--triton writes an entry for one decoder graph; t5 exports"):
+        export_prefix_model(str(tmp_path / "t5"), tmp_path / "prefix", tmp_path / "out", progress=False, triton=True)
+    assert not (tmp_path / "out").exists()
