@@ -11,6 +11,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -125,8 +126,13 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
         dtype_name = str(prefix_kv.tensor.dtype).replace("torch.", "")
         if tolerances is None:
             tolerances = Tolerances(atol=DEFAULT_ATOL.get(dtype_name, 1e-4))
-        inputs = {"model": base.source, "prefix": str(prefix if not isinstance(prefix, PrefixCheckpoint) else
-                                                      "<in-memory>"),
+        prefix_source = "<in-memory>" if isinstance(prefix, PrefixCheckpoint) else str(prefix)
+        # Absolute paths too, so `prefix-export validate OUT` works from any working directory.
+        inputs = {"model": base.source, "prefix": prefix_source,
+                  "model_path": str(Path(base.source).expanduser().resolve()) if Path(base.source).expanduser().exists()
+                  else None,
+                  "prefix_path": str(Path(prefix_source).expanduser().resolve())
+                  if Path(prefix_source).expanduser().exists() else None,
                   "prefix_config": str(prefix_config) if prefix_config else None, "checkpoint_kind": checkpoint.kind,
                   "sha256": _hashes(checkpoint.files + _model_files(base))}
         report = {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
@@ -152,7 +158,7 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                 steps("exported graph")
                 graph_info = graph.finalize(raw_dir / graph_name, tmp / graph_name, metadata, external_data)
                 report["timing_s"] = {"export": round(time.perf_counter() - t0, 3)}
-                _remove_tree(raw_dir)
+                shutil.rmtree(raw_dir)
                 prefix_kv.save(tmp / PREFIX_KV_FILE, {"model_type": base.spec.model_type})
                 _save_model_files(base, tmp)
                 steps("wrote folder")
@@ -193,15 +199,7 @@ def _position_budget(base: BaseModel, num_virtual_tokens: int) -> int | None:
     return spec.max_positions - num_virtual_tokens if spec.positions == "learned" else None
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
-
-
 def _keep_invalid(tmp: Path, folder: Path) -> None:
-    import shutil
-
     target = folder.with_name(folder.name + ".invalid")
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(tmp, target)
@@ -240,6 +238,10 @@ def check_hashes(folder: Path, report: dict) -> list[str]:
     return problems
 
 
+def _existing(path: str | None) -> str | None:
+    return path if path and Path(path).exists() else None
+
+
 def validate_export(folder: str | Path, model: str | None = None, prefix: str | Path | None = None,
                     prefix_config: str | Path | None = None, tolerances: Tolerances | None = None) -> ValidationReport:
     """Recheck an export folder: file hashes, then the graph against PEFT (sources from the report)."""
@@ -251,8 +253,8 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
         # Nothing to run; a missing file is a failed check (exit 1), like a changed one.
         return ValidationReport(problems=[f"hash: {p}" for p in problems] or [f"hash: {graph_name} is missing"])
     inputs = report.get("inputs", {})
-    model = model or inputs.get("model")
-    prefix = prefix or inputs.get("prefix")
+    model = model or _existing(inputs.get("model_path")) or inputs.get("model")
+    prefix = prefix or _existing(inputs.get("prefix_path")) or inputs.get("prefix")
     prefix_config = prefix_config or inputs.get("prefix_config")
     if not model or not prefix or prefix == "<in-memory>":
         raise InputError(f"{folder}: the report does not say which model and prefix were exported; pass "
