@@ -55,6 +55,10 @@ def leftovers(dest: Path) -> list[str]:
     return sorted(p.name for p in dest.parent.glob(f".{dest.name}.*") if not p.name.endswith(".lock"))
 
 
+def _temporaries(dest: Path) -> set[str]:
+    return {p.name for p in dest.parent.glob(f".{dest.name}.tmp-*")}
+
+
 def export_command(model: Path, prefix: Path, dest: Path, validate: bool) -> list[str]:
     command = [sys.executable, "-m", "prefix_export.cli", "--model", str(model), "--prefix", str(prefix),
                "--out", str(dest), "--force", "-q"]
@@ -91,21 +95,32 @@ def kill_loop(model: Path, prefix: Path, dest: Path, kills: int, seed: int = 0, 
     problem = check_complete(dest)
     assert problem is None, f"the calibration export is not complete: {problem}"
     previous = _sha256(dest / "export_report.json")
-    start = 0.5 * (first_tmp or total * 0.5)
-    log(f"calibration: full export {total:.2f}s, temporary folder after {first_tmp or float('nan'):.2f}s; "
-        f"kills spread over [{start:.2f}s, {total:.2f}s]")
+    log(f"calibration: full export {total:.2f}s, temporary folder after {first_tmp or float('nan'):.2f}s")
     rounds = []
+    window = total - (first_tmp or 0.0)
     for index in range(kills):
-        # Stratified: round i draws from the i-th slice of the window, so every phase gets kills.
-        kill_at = start + (total - start) * (index + rng.random()) / kills
+        # One round in five is killed early (start-up, loading); the others inside the window where
+        # the temporary folder exists, at a random fraction of it. The window is located in each run
+        # itself (the machine's load changes how long each phase takes) and scaled by its slowdown.
+        early = index % 5 == 0 or first_tmp is None
+        stale = _temporaries(dest)  # left by the previous round's kill; this run removes them
         process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         began = time.perf_counter()
         tmp_seen = False
-        while time.perf_counter() - began < kill_at and process.poll() is None:
-            tmp_seen = tmp_seen or bool(list(dest.parent.glob(f".{dest.name}.tmp-*")))
-            time.sleep(0.01)
+        if early:
+            deadline = began + rng.uniform(0.2, 1.0) * (first_tmp or total)
+        else:
+            while process.poll() is None and not _temporaries(dest) - stale:
+                time.sleep(0.005)
+            tmp_seen = True
+            seen_at = time.perf_counter() - began
+            deadline = time.perf_counter() + rng.uniform(0.0, 1.1) * window * max(1.0, seen_at / first_tmp)
+        kill_at = deadline - began
+        while time.perf_counter() < deadline and process.poll() is None:
+            tmp_seen = tmp_seen or bool(_temporaries(dest) - stale)
+            time.sleep(0.005)
         finished_first = process.poll() is not None
-        tmp_at_kill = bool(list(dest.parent.glob(f".{dest.name}.tmp-*")))
+        tmp_at_kill = bool(_temporaries(dest) - stale)
         if not finished_first:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
