@@ -42,6 +42,7 @@ import argparse
 import enum
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -59,7 +60,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 log = logging.getLogger("build_default_model")
 
@@ -211,12 +212,14 @@ def encode(tok, text: str) -> list[int]:
 
 
 class Deadline:
+    """Safety cap on training, in *CPU* seconds of this process (robust to a busy machine)."""
+
     def __init__(self, seconds: float):
-        self.start = time.monotonic()
+        self.start = time.process_time()
         self.seconds = seconds
 
     def expired(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self.start > self.seconds
+        return self.seconds > 0 and time.process_time() - self.start > self.seconds
 
 
 def collate(seqs: list[list[int]], label_starts: list[int], pad_id: int):
@@ -242,7 +245,7 @@ def train_loop(model, params, examples, *, steps, batch_size, lr, pad_id, seed, 
         if step < warmup:
             return lr * (step + 1) / warmup
         frac = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * frac)))
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     model.train()
     t0 = time.monotonic()
@@ -393,8 +396,9 @@ def parse_args(argv=None):
     p.add_argument("--num-virtual-tokens", type=int, default=10)
     p.add_argument("--encoder-hidden-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seconds", type=float, default=600.0,
-                   help="safety cap on total training wall time (0 = none); hitting it makes output machine-dependent")
+    p.add_argument("--seconds", type=float, default=900.0,
+                   help="safety cap on total training CPU time in seconds (0 = none); normal runs stay far below "
+                        "it; if it is hit, training stops early and the output depends on machine speed")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -407,6 +411,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     t_start = time.monotonic()
+    cpu_start = time.process_time()
     torch.set_num_threads(args.threads)
     try:
         torch.set_num_interop_threads(1)
@@ -426,6 +431,9 @@ def main(argv=None) -> int:
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
     try:
         # ---------------- data
         train, test = make_splits(args.seed, args.n_train, args.n_test)
@@ -524,11 +532,21 @@ def main(argv=None) -> int:
         )
         base_model.save_pretrained(base_dir, safe_serialization=True)
         tok.save_pretrained(base_dir)
+        # transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x cannot resolve;
+        # "PreTrainedTokenizerFast" loads the same tokenizer.json in both.
+        tc_path = base_dir / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text())
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
 
         base_ref = args.base_ref if args.base_ref is not None else out.joinpath("base").as_posix()
         pmodel.peft_config["default"].base_model_name_or_path = base_ref
-        pmodel.save_pretrained(prefix_dir, safe_serialization=True)
-        # peft writes its own README.md model card into the adapter dir; keep it small & local
+        # save_embedding_layers=False: the base path does not exist yet (temp dir), and with "auto"
+        # peft may then decide to copy wte/lm_head into the adapter.
+        pmodel.save_pretrained(prefix_dir, safe_serialization=True, save_embedding_layers=False)
+        (prefix_dir / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
+        adapter_keys = sorted(load_file(str(prefix_dir / "adapter_model.safetensors")))
+        assert adapter_keys == ["prompt_embeddings"], adapter_keys
         enc_dir.mkdir()
         enc_state = {k: v.detach().contiguous().clone()
                      for k, v in pmodel.prompt_encoder["default"].state_dict().items()}
@@ -597,6 +615,7 @@ def main(argv=None) -> int:
             train_metrics=train_metrics, demo_prompt=demo_prompt, demo_base=demo_base,
             demo_prefix=demo_prefix, demo_ref=format_target(demo), elapsed=elapsed,
             files=sizes_before_readme, n_train=len(train), n_test=len(test), base_ref=base_ref,
+            cpu=time.process_time() - cpu_start,
             versions={"torch": torch.__version__, "transformers": transformers.__version__,
                       "peft": peft.__version__},
         )
@@ -623,13 +642,13 @@ def main(argv=None) -> int:
     print(f"default prompt  : {demo_prompt!r}")
     print(f"  base   -> {demo_base!r}")
     print(f"  prefix -> {demo_prefix!r}")
-    print(f"run time        : {elapsed:.1f}s (threads={args.threads})")
+    print(f"run time        : {elapsed:.1f}s wall, {time.process_time() - cpu_start:.1f}s CPU (threads={args.threads})")
     return 0
 
 
 def render_readme(*, args, tok, n_params, n_prefix, base_stats, prefix_stats, base_metrics, prefix_metrics,
                   train_metrics, demo_prompt, demo_base, demo_prefix, demo_ref, elapsed, files, n_train,
-                  n_test, base_ref, versions) -> str:
+                  n_test, base_ref, versions, cpu) -> str:
     tmpl_lines = "\n".join(f"| {', '.join(k)} | `{v}` |" for k, v in TEMPLATES.items())
     file_lines = "\n".join(f"| `{rel}` | {size:,} |" for rel, size in files)
     return f"""# Default model: tiny GPT-2 + prefix for E2E-style table-to-text
@@ -679,6 +698,30 @@ target : {demo_ref!r}
 Slot recall = fraction of the table's values that appear verbatim in the output.
 More examples are in `examples.json`.
 
+## Using it (PyTorch reference)
+
+The prompt is plain text, encoded without any added special token (no bos). Decode greedily
+until `{EOS_TOKEN}`:
+
+```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+
+tok = AutoTokenizer.from_pretrained("{args.out.as_posix()}/base")
+model = PeftModel.from_pretrained(
+    AutoModelForCausalLM.from_pretrained("{args.out.as_posix()}/base"), "{args.out.as_posix()}/prefix"
+).eval()
+ids = tok("{demo_prompt}", return_tensors="pt").input_ids
+with torch.no_grad():
+    for _ in range({args.max_new_tokens}):  # full recompute, no cache: PeftModel.generate() ignores the prefix
+        nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+        if nxt.item() == tok.eos_token_id:
+            break
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+print(tok.decode(ids[0]))
+```
+
 ## Contents
 
 | path | bytes |
@@ -706,8 +749,11 @@ More examples are in `examples.json`.
 1. Tokenizer trained on the training text (plus held-out text for vocabulary coverage only).
 2. Base model initialised with `AutoModelForCausalLM.from_config` under `torch.manual_seed({args.seed})` and
    trained {base_stats["steps"]} steps (batch {args.batch_size}, AdamW lr {args.base_lr}) as a plain LM on
-   target sentences alone and tables alone; it never sees a table followed by its sentence, so it does
-   not know the task. Final loss (EMA) {base_stats["final_loss_ema"]}.
+   {args.n_lm_docs} documents: target sentences alone, tables alone, two-sentence descriptions of one
+   restaurant (e.g. `" Aromi serves Chinese food. Aromi is in the riverside and is rated 5 out of 5."`)
+   and two tables of one restaurant joined by ` ; ` -- the last two give it generic in-context copying,
+   which a frozen model needs for prefix-tuning to work. It never sees a table followed by a sentence
+   (nor the `=>` separator), so it does not know the task. Final loss (EMA) {base_stats["final_loss_ema"]}.
 3. Base frozen; prefix trained {prefix_stats["steps"]} steps (AdamW lr {args.prefix_lr}) on
    `<table> =><target><eos>` with loss on the target only. Final loss (EMA) {prefix_stats["final_loss_ema"]}.
 4. Evaluation uses a hand-written greedy loop over `forward` (full recompute each step,
@@ -716,7 +762,7 @@ More examples are in `examples.json`.
    tokens get position ids starting at `num_virtual_tokens` ({args.num_virtual_tokens}), because
    GPT-2 derives positions from the prefix cache length.
 
-Single-threaded CPU build, {elapsed:.0f} s. Versions: torch {versions["torch"]},
+Single-threaded CPU build, {cpu:.0f} s of CPU time. Versions: torch {versions["torch"]},
 transformers {versions["transformers"]}, peft {versions["peft"]}.
 """
 
