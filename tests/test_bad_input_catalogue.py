@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_export import architectures
 from prefix_export.cli import main
 from tiny_models import make_prefix, save_tiny_model, tiny_config
 
@@ -291,21 +290,7 @@ GQA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attent
            num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
 
 
-@pytest.fixture
-def llama_registered(monkeypatch):
-    """llama comes from the registry (issue 3); until it lands there, a minimal stand-in for this test."""
-    if "llama" not in architectures.supported_model_types():
-        def _llama(config):
-            return architectures.ArchSpec(
-                model_type="llama", num_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                head_dim=config.hidden_size // config.num_attention_heads, hidden_size=config.hidden_size,
-                vocab_size=config.vocab_size, positions="rotary", max_positions=None)
-
-        monkeypatch.setitem(architectures._REGISTRY, "llama", _llama)
-
-
-def test_kv_heads_mismatch_gqa(tmp_path, out, capsys, llama_registered):
+def test_kv_heads_mismatch_gqa(tmp_path, out, capsys):
     """A prefix trained for 4 KV heads on a model with 2 (same hidden size): both sides shown."""
     from transformers import LlamaConfig
 
