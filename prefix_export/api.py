@@ -16,14 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, contract, graph, output
+from . import __version__, contract, export_seq2seq, graph, output, seq2seq_contract
 from .base_model import BaseModel, load_base_model
 from .checkpoint import PrefixCheckpoint, load_prefix_checkpoint
-from .errors import InputError, OutputError, ValidationError
-from .export import DEFAULT_OPSET, export_folded
+from .errors import InputError, OutputError, UnsupportedError, ValidationError
+from .export import DEFAULT_OPSET, LAYOUTS, export_decoder
 from .prefix_kv import PREFIX_KV_FILE, build_peft_model, compute_prefix_kv
-from .runtime import OnnxDecoder, create_session, graph_path
+from .runtime import CacheLayoutDecoder, OnnxDecoder, create_session, graph_path
+from .runtime_seq2seq import OnnxSeq2Seq
 from .validate import DEFAULT_ATOL, Tolerances, ValidationReport, validate
+from .validate_seq2seq import validate_seq2seq
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +106,26 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                         prefix_config: str | Path | None = None, force: bool = False, run_validation: bool = True,
                         tolerances: Tolerances | None = None, dtype: str | None = None, opset: int = DEFAULT_OPSET,
                         external_data: bool = False, keep_invalid: bool = False, progress: bool = True,
-                        command_line: list[str] | None = None) -> ExportResult:
+                        command_line: list[str] | None = None, layout: str = "folded") -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     Every input is checked before anything is written; the folder appears only once complete and
     (unless `run_validation=False`) validated. A failed validation raises ValidationError, with the
     export kept beside `out` as `out.invalid/` only when `keep_invalid` is set.
+    `layout`: "folded" (prefix inside the graph) or "cache" (the plain base decoder; the runtime feeds
+    prefix_kv.safetensors as the first past).
     """
     started = time.perf_counter()
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}.")
     folder, graph_name = output.resolve_output(out)
     output.check_destination(folder, force)
     steps = _Progress(7 if run_validation else 6, progress)
     try:
         base = model if isinstance(model, BaseModel) else load_base_model(model, dtype=dtype)
+        if base.spec.is_seq2seq and layout != "folded":
+            raise UnsupportedError(f"--layout {layout} is for decoder-only models; {base.spec.model_type} is exported "
+                                   "as an encoder + folded-prefix decoder (the default --layout folded).")
         steps("loaded model")
         checkpoint = prefix if isinstance(prefix, PrefixCheckpoint) else load_prefix_checkpoint(prefix, prefix_config)
         steps("loaded prefix")
@@ -136,16 +145,17 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                   "prefix_config": str(prefix_config) if prefix_config else None, "checkpoint_kind": checkpoint.kind,
                   "sha256": _hashes(checkpoint.files + _model_files(base))}
         report = {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
-                  "created_unix": int(time.time()), "layout": "folded", "versions": library_versions(),
+                  "created_unix": int(time.time()), "layout": layout, "versions": library_versions(),
                   "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
                   "inputs": inputs,
                   "architecture": dataclasses.asdict(base.spec),
                   "prefix": {"num_virtual_tokens": prefix_kv.num_virtual_tokens, "shape": list(prefix_kv.tensor.shape),
                              "shape_meaning": "(L, 2, H_kv, P, D)", "dtype": dtype_name,
                              "prefix_projection": bool(checkpoint.config.prefix_projection)},
-                  "io": {"inputs": contract.input_names(base.spec.num_layers),
-                         "outputs": contract.output_names(base.spec.num_layers)}}
-        metadata = {contract.META_PREFIX_LENGTH: str(prefix_kv.num_virtual_tokens), contract.META_LAYOUT: "folded",
+                  "io": (export_seq2seq.io_names(base.spec) if base.spec.is_seq2seq else
+                         {"inputs": contract.input_names(base.spec.num_layers),
+                          "outputs": contract.output_names(base.spec.num_layers)})}
+        metadata = {contract.META_PREFIX_LENGTH: str(prefix_kv.num_virtual_tokens), contract.META_LAYOUT: layout,
                     contract.META_VERSION: __version__, "prefix_export.model_type": base.spec.model_type,
                     "prefix_export.source_sha256": json.dumps(inputs["sha256"], sort_keys=True),
                     "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
@@ -154,9 +164,15 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                 raw_dir = tmp / ".raw"
                 raw_dir.mkdir()
                 t0 = time.perf_counter()
-                export_folded(base.model, prefix_kv, base.spec, raw_dir / graph_name, opset=opset)
-                steps("exported graph")
-                graph_info = graph.finalize(raw_dir / graph_name, tmp / graph_name, metadata, external_data)
+                if base.spec.is_seq2seq:  # encoder_model.onnx + decoder_model.onnx (seq2seq_contract.py)
+                    graph_name = seq2seq_contract.DECODER_GRAPH
+                    graph_info = export_seq2seq.export_graphs(base.model, prefix_kv, base.spec, raw_dir, tmp,
+                                                              metadata, opset, external_data)
+                    steps("exported graph")
+                else:
+                    export_decoder(base.model, prefix_kv, base.spec, raw_dir / graph_name, opset=opset, layout=layout)
+                    steps("exported graph")
+                    graph_info = graph.finalize(raw_dir / graph_name, tmp / graph_name, metadata, external_data)
                 report["timing_s"] = {"export": round(time.perf_counter() - t0, 3)}
                 shutil.rmtree(raw_dir)
                 prefix_kv.save(tmp / PREFIX_KV_FILE, {"model_type": base.spec.model_type})
@@ -166,10 +182,14 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                 validation = None
                 if run_validation:
                     t0 = time.perf_counter()
-                    decoder = OnnxDecoder(create_session(tmp / graph_name, "cpu"))
-                    validation = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
-                                          max_positions=_position_budget(base, prefix_kv.num_virtual_tokens),
-                                          graph_file=tmp / graph_name)
+                    if base.spec.is_seq2seq:
+                        validation = validate_seq2seq(OnnxSeq2Seq.from_folder(tmp), peft_model, base.spec, tolerances,
+                                                      decoder_graph=tmp / graph_name)
+                    else:
+                        decoder, where = _validation_decoder(tmp / graph_name, layout)
+                        validation = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
+                                              max_positions=_position_budget(base, prefix_kv.num_virtual_tokens),
+                                              **where)
                     report["timing_s"]["validation"] = round(time.perf_counter() - t0, 3)
                     report["validation"] = validation.to_dict()
                     steps("validated")
@@ -184,13 +204,28 @@ def export_prefix_model(model: str | BaseModel, prefix: str | Path | PrefixCheck
                     if keep_invalid:
                         _keep_invalid(tmp, folder)
                     raise ValidationError(
-                        f"the exported graph does not match PEFT's forward:\n" + "\n".join(validation.failures()[:20]),
+                        "the exported graph does not match PEFT's forward:\n" + "\n".join(validation.failures()[:20]),
                         report=validation)
         except OSError as exc:
             raise output.translate_os_error(exc, folder) from exc
     finally:
         steps.close()
     return ExportResult(folder, folder / graph_name, report, validation)
+
+
+def _validation_decoder(graph_file: Path, layout: str):
+    """The decoder validate() drives, and where it finds the prefix to check against PEFT's.
+
+    folded: the graph itself (its prefix initializers). cache: the graph seen through
+    CacheLayoutDecoder (prefix fed as the first past), and prefix_kv.safetensors beside it.
+    """
+    decoder = OnnxDecoder(create_session(graph_file, "cpu"))
+    if layout != "cache":
+        return decoder, {"graph_file": graph_file}
+    from .decoding import load_prefix_file
+
+    prefix_file = graph_file.parent / PREFIX_KV_FILE
+    return CacheLayoutDecoder(decoder, load_prefix_file(prefix_file)), {"prefix_kv_file": prefix_file}
 
 
 def _position_budget(base: BaseModel, num_virtual_tokens: int) -> int | None:
@@ -264,10 +299,15 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     peft_model = build_peft_model(base, checkpoint)
     if tolerances is None:
         tolerances = Tolerances(atol=report.get("validation", {}).get("settings", {}).get("atol", 1e-4))
+    if base.spec.is_seq2seq:
+        result = validate_seq2seq(OnnxSeq2Seq.from_folder(folder), peft_model, base.spec, tolerances,
+                                  decoder_graph=folder / seq2seq_contract.DECODER_GRAPH)
+        result.problems[:0] = [f"hash: {p}" for p in problems]
+        return result
     graph_file = graph_path(folder)
-    decoder = OnnxDecoder(create_session(graph_file, "cpu"))
+    decoder, where = _validation_decoder(graph_file, report.get("layout", "folded"))
     result = validate(decoder, peft_model, base.spec.vocab_size, tolerances,
-                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens), graph_file=graph_file)
+                      max_positions=_position_budget(base, checkpoint.num_virtual_tokens), **where)
     result.problems[:0] = [f"hash: {p}" for p in problems]
     return result
 

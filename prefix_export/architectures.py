@@ -21,9 +21,18 @@ TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 MIN_TRANSFORMERS = version.parse("4.56.0")
 
 
+FAMILY_DECODER = "decoder"  # decoder-only causal LM (PEFT task CAUSAL_LM): one folded graph
+FAMILY_SEQ2SEQ = "seq2seq"  # encoder-decoder (PEFT task SEQ_2_SEQ_LM): encoder graph + folded decoder graph
+_TASK_TYPES = {FAMILY_DECODER: "CAUSAL_LM", FAMILY_SEQ2SEQ: "SEQ_2_SEQ_LM"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
-    """What differs between decoder architectures, as far as prefix export is concerned."""
+    """What differs between architectures, as far as prefix export is concerned.
+
+    For a seq2seq model the layer/head/position facts describe the *decoder*, the part that takes
+    the prefix; `num_encoder_layers` is the encoder's depth.
+    """
 
     model_type: str
     num_layers: int
@@ -33,11 +42,24 @@ class ArchSpec:
     hidden_size: int
     vocab_size: int
     # How token positions enter the model: "learned" (a position table of `max_positions` rows,
-    # so P + the user's tokens must fit in it), "rotary" or "alibi" (no table; any length works).
+    # so P + the user's tokens must fit in it), "rotary", "alibi" or "relative" (T5's bucketed
+    # relative bias; no table; any length works).
     positions: str
     max_positions: int | None
     sliding_window: int | None = None
     notes: tuple[str, ...] = ()
+    family: str = FAMILY_DECODER
+    num_encoder_layers: int | None = None  # seq2seq only
+    decoder_start_token_id: int | None = None  # seq2seq only: the first decoder token
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.family == FAMILY_SEQ2SEQ
+
+    @property
+    def task_type(self) -> str:
+        """The PEFT task type whose prefix this architecture takes (CAUSAL_LM or SEQ_2_SEQ_LM)."""
+        return _TASK_TYPES[self.family]
 
     @property
     def kv_shape(self) -> tuple[int, int]:
@@ -169,6 +191,36 @@ for _type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"):
     register(_type)(_llama_like(_type))
 
 
+# ---- encoder-decoder (PEFT SEQ_2_SEQ_LM) ---------------------------------------------------------
+# What PEFT 0.21 does with a seq2seq prefix (PeftModelForSeq2SeqLM.forward + get_prompt, checked
+# against transformers 5.24): the prefix becomes an EncoderDecoderCache whose *self-attention* cache
+# holds P positions per decoder layer, and whose cross-attention cache is replaced by an empty one
+# (so cross-attention sees the encoder output only, no prefix); the encoder takes no prefix. The
+# decoder's positions follow its cache length, so they start at P (BART's learned table, T5's
+# relative bias). prefix_kv.compute_prefix_kv checks the cross-attention part really is empty.
+
+
+@register("bart")
+def _bart(config) -> ArchSpec:
+    # Learned positions with BART's offset of 2: the table has max_position_embeddings usable rows.
+    return ArchSpec(
+        model_type="bart", num_layers=config.decoder_layers, num_attention_heads=config.decoder_attention_heads,
+        num_kv_heads=config.decoder_attention_heads, head_dim=config.d_model // config.decoder_attention_heads,
+        hidden_size=config.d_model, vocab_size=config.vocab_size, positions="learned",
+        max_positions=config.max_position_embeddings, family=FAMILY_SEQ2SEQ,
+        num_encoder_layers=config.encoder_layers, decoder_start_token_id=config.decoder_start_token_id)
+
+
+@register("t5")
+def _t5(config) -> ArchSpec:
+    # Heads have their own width d_kv (not always d_model / num_heads); relative position bias.
+    return ArchSpec(
+        model_type="t5", num_layers=config.num_decoder_layers, num_attention_heads=config.num_heads,
+        num_kv_heads=config.num_heads, head_dim=config.d_kv, hidden_size=config.d_model,
+        vocab_size=config.vocab_size, positions="relative", max_positions=None, family=FAMILY_SEQ2SEQ,
+        num_encoder_layers=config.num_layers, decoder_start_token_id=config.decoder_start_token_id)
+
+
 # ---- cache compatibility (kept here so version checks live in one place) -------------------------
 
 
@@ -190,6 +242,44 @@ def output_cache(output):
     if "cache" in output:
         return output["cache"]
     return output["past_key_values"]
+
+
+def make_encoder_decoder_cache(self_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                               cross_layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """An EncoderDecoderCache whose cross-attention layers are *extended* by the next forward.
+
+    Each cross-attention layer is marked not updated, so the attention projects the
+    `encoder_hidden_states` it is given and appends them to the (possibly empty) cached keys/values.
+    """
+    cache = transformers.EncoderDecoderCache(transformers.DynamicCache(self_layers),
+                                             transformers.DynamicCache(cross_layers))
+    for index in range(len(cross_layers)):
+        cache.is_updated[index] = False
+    return cache
+
+
+def cross_attention_mask(model: torch.nn.Module, inputs_embeds: torch.Tensor, mask: torch.Tensor):
+    """What a seq2seq model must be given as its encoder `attention_mask` so that cross-attention is
+    masked by `mask` (B, S_cross) even when its `encoder_hidden_states` are shorter (empty).
+
+    transformers 5.x sizes the cross-attention mask from encoder_hidden_states
+    (masking_utils.create_bidirectional_mask) but passes a ready 4D mask through, so the model's own
+    function builds it here with the right length; 4.x models expand the 2D mask by its own length.
+    """
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "create_bidirectional_mask"):  # transformers 4.x
+        return mask
+    batch, length = mask.shape
+    return masking_utils.create_bidirectional_mask(
+        config=model.config, inputs_embeds=inputs_embeds, attention_mask=mask,
+        encoder_hidden_states=inputs_embeds.new_zeros(batch, length, 1), allow_is_bidirectional_skip=False)
+
+
+def encoder_decoder_cache_tensors(cache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                   list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(self-attention layers, cross-attention layers) of an EncoderDecoderCache, each [(key, value)]."""
+    return cache_to_tensors(cache.self_attention_cache), cache_to_tensors(cache.cross_attention_cache)
 
 
 def cache_to_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -20,7 +20,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 @dataclasses.dataclass
 class BaseModel:
-    model: torch.nn.Module  # a transformers *ForCausalLM in eval mode
+    model: torch.nn.Module  # a transformers *ForCausalLM (or *ForConditionalGeneration for seq2seq) in eval mode
     spec: architectures.ArchSpec
     source: str  # what the user passed
     local_dir: Path | None  # where its files are (local folder or hub cache snapshot)
@@ -73,10 +73,15 @@ def load_config(source: str):
         raise InputError(f"--model {source!r} could not be loaded as a hub id: {hint}. ({exc})") from exc
 
 
-def load_base_model(source: str, dtype: str | None = None) -> BaseModel:
-    """Load a causal LM for export; the registry is consulted before any weights are read."""
-    from transformers import AutoModelForCausalLM
+def auto_model_class(spec: architectures.ArchSpec):
+    """AutoModelForSeq2SeqLM for encoder-decoder families, AutoModelForCausalLM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    return AutoModelForSeq2SeqLM if spec.is_seq2seq else AutoModelForCausalLM
+
+
+def load_base_model(source: str, dtype: str | None = None) -> BaseModel:
+    """Load a causal or seq2seq LM for export; the registry is consulted before any weights are read."""
     config = load_config(source)
     spec = architectures.describe(config)
     kwargs = {}
@@ -87,7 +92,7 @@ def load_base_model(source: str, dtype: str | None = None) -> BaseModel:
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source, **kwargs)
+        model = auto_model_class(spec).from_pretrained(str(path) if path.exists() else source, **kwargs)
     except (OSError, ValueError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
         # SafetensorError: a truncated or corrupt model.safetensors; UnpicklingError: a .bin that
         # weights_only=True refuses (transformers never unpickles arbitrary objects for us).
@@ -135,11 +140,9 @@ def load_tokenizer(source: str):
 
 
 def build_tiny_model(config, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised causal LM from a config (tests, benchmarks); no hub access."""
-    from transformers import AutoModelForCausalLM
-
+    """A randomly initialised causal or seq2seq LM from a config (tests, benchmarks); no hub access."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_model_class(architectures.describe(config)).from_config(config)
     return model.eval()
 
 

@@ -79,9 +79,10 @@ def _prefix_config(data: dict, source: Path):
         raise CheckpointError(f"{source} is a PEFT {peft_type or 'config without peft_type'} adapter, not prefix "
                               f"tuning. {advice}")
     task_type = data.get("task_type")
-    if task_type not in (None, "CAUSAL_LM"):
+    if task_type not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        # Whether the task fits the model is checked against the registry in prefix_kv.check_fits.
         raise CheckpointError(f"{source} is a prefix for task {task_type}; this exporter handles CAUSAL_LM "
-                              "(decoder-only) prefixes.")
+                              "(decoder-only) and SEQ_2_SEQ_LM (encoder-decoder) prefixes.")
     known = {f.name for f in dataclasses.fields(PrefixTuningConfig)}
     kwargs = {k: v for k, v in data.items() if k in known}
     kwargs["peft_type"] = "PREFIX_TUNING"

@@ -60,6 +60,10 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
                         help="always write weights as external data (automatic above 2 GB)")
     parser.add_argument("--keep-invalid", action="store_true",
                         help="when validation fails, keep the export as OUT.invalid/ for inspection")
+    parser.add_argument("--layout", choices=["folded", "cache"], default="folded",
+                        help="folded (default): the prefix is inside the graph; cache: the plain base decoder, "
+                             "the prefix (prefix_kv.safetensors) is fed as the first past (TensorRT, mobile, "
+                             "one graph for many prefixes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--token-ids", action="append", help="comma-separated token ids instead of text; repeatable")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt or a full ORT provider name")
+    generate.add_argument("--fallback", choices=["cpu"], help="run on the CPU (with a warning) if --provider cannot")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    generate.add_argument("--seed", type=int, help="random seed for sampling")
+    generate.add_argument("--stop", action="append", metavar="TOKEN",
+                          help="extra stop token: an id, or text that is one token; repeatable (eos always stops)")
+    generate.add_argument("--prefix-kv", action="append", metavar="FILE",
+                          help="cache layout: a prefix_kv.safetensors (or export folder) to use instead of the "
+                               "folder's own; give one per --prompt for a different prefix per row")
+    generate.add_argument("--max-batch", type=int, help="TensorRT profile: largest batch (default 8)")
+    generate.add_argument("--max-length", type=int,
+                          help="TensorRT profile: longest P + prompt + new tokens (default: the model's limit)")
+    generate.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
 
     inspect = sub.add_parser("inspect", help="show what would be exported, without exporting")
     inspect.add_argument("model")
@@ -162,7 +180,7 @@ def cmd_export(args) -> int:
     result = export_prefix_model(
         args.model, args.prefix, args.out, prefix_config=args.prefix_config, force=args.force,
         run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
-        opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid,
+        opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
         progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv])
     if args.json:
         print(json.dumps(result.report, indent=2))
@@ -183,10 +201,40 @@ def cmd_validate(args) -> int:
 def cmd_generate(args) -> int:
     from .generate import generate_from_folder
 
-    result = generate_from_folder(args.out_dir, prompts=args.prompt, token_ids=args.token_ids,
-                                  max_new_tokens=args.max_new_tokens, provider=args.provider)
+    streaming = not args.json and len(args.prompt or args.token_ids or []) == 1
+    shown = {"tokens": []}
+
+    def on_step(step):  # a batch of one: print each piece of text (or token id) as it comes
+        shown["tokens"].append(int(step.tokens[0]))
+        if shown.get("done"):
+            return
+        if step.finished[0]:
+            shown["done"] = True
+            return
+        if args.prompt:
+            text = shown["tokenizer"].decode(shown["tokens"], skip_special_tokens=True)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown.get("text", "")):], end="", flush=True)
+                shown["text"] = text
+        else:
+            print(shown["tokens"][-1], end=" ", flush=True)
+
+    if streaming and args.prompt:
+        from .generate import load_tokenizer
+        from .sessions import read_facts
+
+        shown["tokenizer"] = load_tokenizer(read_facts(args.out_dir).folder)
+        if shown["tokenizer"] is None:
+            streaming = False
+    result = generate_from_folder(
+        args.out_dir, prompts=args.prompt, token_ids=args.token_ids, max_new_tokens=args.max_new_tokens,
+        provider=args.provider, fallback=args.fallback, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=args.stop, prefixes=args.prefix_kv, max_batch=args.max_batch,
+        max_length=args.max_length, fp16=args.fp16, on_step=on_step if streaming else None)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif streaming:
+        print()
     else:
         for row in result["rows"]:
             print(row["text"] if row.get("text") is not None else " ".join(map(str, row["new_token_ids"])))

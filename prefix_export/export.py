@@ -75,13 +75,54 @@ def example_inputs(spec: architectures.ArchSpec, dtype: torch.dtype, batch: int 
     return input_ids, attention_mask, position_ids, pasts
 
 
+class CacheContractDecoder(torch.nn.Module):
+    """The plain base model with the contract of `contract.py` (the `--layout cache` graph).
+
+    No prefix inside: the runtime feeds the prefix as the first past (B, H_kv, P, D), P ones at the
+    start of the mask and positions offset by P, so the presents include the prefix's P positions.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+        layers = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
+        cache = architectures.make_cache(layers, self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                         return_dict=True, **architectures.cache_kwargs(self.model, cache))
+        presents = []
+        for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
+            presents += [key, value]  # (B, H_kv, past + seq, D)
+        return (out.logits, *presents)
+
+
+LAYOUTS = ("folded", "cache")
+
+
+def export_decoder(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectures.ArchSpec, path: Path,
+                   opset: int = DEFAULT_OPSET, layout: str = "folded") -> None:
+    """Export the decoder of `layout` ("folded": prefix inside; "cache": plain base model) to `path`."""
+    if layout == "folded":
+        wrapper = PrefixFoldedDecoder(model, prefix_kv).eval()
+    elif layout == "cache":
+        wrapper = CacheContractDecoder(model, spec.num_layers).eval()
+    else:
+        raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    _export(wrapper, spec, prefix_kv.tensor.dtype, path, opset)
+
+
 def export_folded(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectures.ArchSpec, path: Path,
                   opset: int = DEFAULT_OPSET) -> None:
     """Export the folded decoder to `path` (a single file; graph.py post-processes it)."""
+    export_decoder(model, prefix_kv, spec, path, opset, "folded")
+
+
+def _export(wrapper: torch.nn.Module, spec: architectures.ArchSpec, dtype: torch.dtype, path: Path,
+            opset: int) -> None:
     from torch.export import Dim
 
-    wrapper = PrefixFoldedDecoder(model, prefix_kv).eval()
-    dtype = prefix_kv.tensor.dtype
     args = example_inputs(spec, dtype)
     batch, seq = Dim(contract.BATCH), Dim(contract.SEQUENCE)
     past, total = Dim(contract.PAST, min=0), Dim(contract.TOTAL)

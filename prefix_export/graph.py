@@ -23,12 +23,19 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
 
 def _name_present_dims(model: onnx.ModelProto) -> None:
     """The exporter names present's length 'past_sequence_length + sequence_length'; call it total."""
+    from . import seq2seq_contract
+
     for output in model.graph.output:
         if not output.name.startswith("present."):
             continue
         dim = output.type.tensor_type.shape.dim[2]
         if not dim.HasField("dim_value"):
-            dim.dim_param = contract.TOTAL
+            if ".encoder." in output.name:  # seq2seq cross-attention K/V: the encoder's length
+                dim.dim_param = seq2seq_contract.ENCODER_OUT
+            elif ".decoder." in output.name:
+                dim.dim_param = seq2seq_contract.TOTAL_DECODER
+            else:
+                dim.dim_param = contract.TOTAL
 
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div"}

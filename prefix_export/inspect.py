@@ -17,6 +17,26 @@ def inspect_export_plan(model: str, prefix: str, prefix_config: str | None = Non
     prefix_bytes = spec.num_layers * 2 * spec.num_kv_heads * P * spec.head_dim * element
     names = contract.input_names(spec.num_layers)
     outputs = contract.output_names(spec.num_layers)
+    graph_io = {
+        "graph inputs": names[:3] + [f"{names[3]} ... {names[-1]} (batch, {spec.num_kv_heads}, past, {spec.head_dim})"],
+        "graph outputs": outputs[:1] + [f"{outputs[1]} ... {outputs[-1]} (batch, {spec.num_kv_heads}, total, "
+                                        f"{spec.head_dim})"],
+    }
+    if spec.is_seq2seq:
+        from . import seq2seq_contract
+
+        names = seq2seq_contract.decoder_input_names(spec.num_layers)
+        outputs = seq2seq_contract.decoder_output_names(spec.num_layers)
+        graph_io = {
+            "encoder layers": spec.num_encoder_layers,
+            "graphs": [seq2seq_contract.ENCODER_GRAPH, seq2seq_contract.DECODER_GRAPH],
+            "encoder graph": f"{', '.join(seq2seq_contract.encoder_input_names())} -> "
+                             f"{', '.join(seq2seq_contract.encoder_output_names())}",
+            "decoder graph inputs": names[:3] + [f"{names[3]} ... {names[-1]} (batch, {spec.num_kv_heads}, "
+                                                 f"past, {spec.head_dim})"],
+            "decoder graph outputs": outputs[:1] + [f"{outputs[1]} ... {outputs[-1]} (batch, {spec.num_kv_heads}, "
+                                                    f"total, {spec.head_dim})"],
+        }
     return {
         "architecture": spec.model_type,
         "layers": spec.num_layers,
@@ -32,7 +52,5 @@ def inspect_export_plan(model: str, prefix: str, prefix_config: str | None = Non
         "prefix parameters (stored)": checkpoint.prompt_embeddings.numel(),
         "prefix KV shape": f"({spec.num_layers}, 2, {spec.num_kv_heads}, {P}, {spec.head_dim}) (L, 2, H_kv, P, D)",
         "prefix KV bytes": prefix_bytes,
-        "graph inputs": names[:3] + [f"{names[3]} ... {names[-1]} (batch, {spec.num_kv_heads}, past, {spec.head_dim})"],
-        "graph outputs": outputs[:1] + [f"{outputs[1]} ... {outputs[-1]} (batch, {spec.num_kv_heads}, total, "
-                                        f"{spec.head_dim})"],
+        **graph_io,
     }

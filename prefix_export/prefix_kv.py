@@ -64,7 +64,7 @@ def expected_prefix_config(base: BaseModel, num_virtual_tokens: int):
     from peft import PrefixTuningConfig
     from peft.utils.other import _prepare_prompt_learning_config
 
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    config = PrefixTuningConfig(task_type=base.spec.task_type, num_virtual_tokens=num_virtual_tokens)
     return _prepare_prompt_learning_config(config, base.config)
 
 
@@ -76,7 +76,14 @@ def _peft_version() -> str:
 
 def check_fits(base: BaseModel, checkpoint: PrefixCheckpoint) -> None:
     """Raise MismatchError, showing both sides, when the prefix was trained for another shape."""
+    task_type = checkpoint.config.task_type
+    if task_type is not None and str(getattr(task_type, "value", task_type)) != base.spec.task_type:
+        raise MismatchError(f"the prefix was trained for task {getattr(task_type, 'value', task_type)}, but "
+                            f"{base.spec.model_type} model {base.source!r} takes {base.spec.task_type} prefixes; use "
+                            "the base model the prefix was trained on.")
     expected = expected_prefix_config(base, checkpoint.num_virtual_tokens)
+    if base.spec.is_seq2seq:
+        _check_seq2seq_fits(base, expected)
     diffs = []
     for field, label in (("num_layers", "layers"), ("num_attention_heads", "heads (KV heads for GQA)"),
                          ("token_dim", "hidden size (token_dim)")):
@@ -101,16 +108,36 @@ def check_fits(base: BaseModel, checkpoint: PrefixCheckpoint) -> None:
                             "be well below it.")
 
 
+def _check_seq2seq_fits(base: BaseModel, expected) -> None:
+    """PEFT provisions a seq2seq prefix from the *encoder's* facts; refuse what its own forward cannot run."""
+    spec = base.spec
+    peft_head_dim = expected.token_dim // expected.num_attention_heads
+    if (expected.num_attention_heads, peft_head_dim) != (spec.num_kv_heads, spec.head_dim):
+        raise UnsupportedError(
+            f"PEFT {_peft_version()} cannot prefix-tune this {spec.model_type} configuration: it shapes the prefix as "
+            f"{expected.num_attention_heads} heads x {peft_head_dim} (token_dim {expected.token_dim} / heads), but the "
+            f"decoder's self-attention cache holds {spec.num_kv_heads} heads x {spec.head_dim} (e.g. T5's d_kv is not "
+            "d_model / num_heads), so PEFT's own forward fails. There is nothing correct to export.")
+    if expected.num_layers < spec.num_layers:
+        # A shallower decoder (distilbart-12-6 style) is fine: PEFT's extra prefix layers go unused.
+        raise UnsupportedError(
+            f"PEFT {_peft_version()} cannot prefix-tune this {spec.model_type} configuration: it provisions the prefix "
+            f"for {expected.num_layers} layers (the encoder's depth), but the decoder, which takes it, has "
+            f"{spec.num_layers}, so PEFT's own forward fails (IndexError in its cache). There is nothing correct "
+            "to export; only models whose decoder is at most as deep as the encoder can be prefix-tuned.")
+
+
 def build_peft_model(base: BaseModel, checkpoint: PrefixCheckpoint):
     """PEFT's own PeftModel for this base model, with the checkpoint's prefix loaded (inference mode)."""
-    from peft import PeftModelForCausalLM
+    from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 
     check_fits(base, checkpoint)
     # In inference mode PEFT's PrefixEncoder is a plain (P, L*2*token_dim) table holding the projected
     # prefix, which is exactly what `checkpoint.prompt_embeddings` is.
-    config = dataclasses.replace(checkpoint.config, inference_mode=True)
-    # The task class, not plain PeftModel: only PeftModelForCausalLM.forward prepends the prefix.
-    peft_model = PeftModelForCausalLM(base.model, config)
+    config = dataclasses.replace(checkpoint.config, inference_mode=True, task_type=base.spec.task_type)
+    # The task class, not plain PeftModel: only the task classes' forward prepends the prefix.
+    task_class = PeftModelForSeq2SeqLM if base.spec.is_seq2seq else PeftModelForCausalLM
+    peft_model = task_class(base.model, config)
     encoder = peft_model.prompt_encoder["default"]
     with torch.no_grad():
         encoder.embedding.weight.copy_(checkpoint.prompt_embeddings.to(encoder.embedding.weight.dtype))
@@ -121,7 +148,10 @@ def compute_prefix_kv(peft_model, spec: architectures.ArchSpec) -> PrefixKV:
     """Ask PEFT for the cache it prepends for a batch of one, and stack it to (L, 2, H_kv, P, D)."""
     with torch.no_grad():
         cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
-    layers = architectures.cache_to_tensors(cache)
+    if spec.is_seq2seq:
+        layers = seq2seq_self_attention_prefix(cache, spec)[:spec.num_layers]  # PEFT: encoder depth >= decoder's
+    else:
+        layers = architectures.cache_to_tensors(cache)
     if len(layers) != spec.num_layers:
         raise MismatchError(f"PEFT produced a prefix for {len(layers)} layers; the model has {spec.num_layers}.")
     stacked = []
@@ -143,3 +173,22 @@ def compute_prefix_kv(peft_model, spec: architectures.ArchSpec) -> PrefixKV:
             "whose values fit the model's dtype.")
     log.info("prefix KV: shape %s, dtype %s", tuple(tensor.shape), tensor.dtype)
     return PrefixKV(tensor)
+
+
+def seq2seq_self_attention_prefix(cache, spec: architectures.ArchSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The decoder self-attention part of PEFT's seq2seq prefix cache, per layer (key, value) (1, H, P, D).
+
+    The exported decoder places the prefix in self-attention only; this is where PEFT places it
+    (get_prompt empties the cross-attention cache). Should a PEFT version put a prefix into the
+    cross-attention cache, exporting it would need a different graph, so it is refused here.
+    """
+    if not hasattr(cache, "self_attention_cache"):
+        raise UnsupportedError(f"PEFT {_peft_version()} returned a {type(cache).__name__} for a {spec.model_type} "
+                               "prefix; prefix-export expects an EncoderDecoderCache for encoder-decoder models.")
+    self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(cache)
+    if any(key.shape[2] for key, _ in cross_layers):
+        raise UnsupportedError(
+            f"PEFT {_peft_version()} puts prefix positions into the cross-attention cache of {spec.model_type}; "
+            "prefix-export folds seq2seq prefixes into decoder self-attention only (what PEFT 0.21 does), so this "
+            "combination of versions is not supported.")
+    return self_layers

@@ -13,57 +13,14 @@ import numpy as np
 
 from . import contract
 from .errors import RuntimeSetupError
+from .providers import resolve_provider  # noqa: F401 - re-exported for callers of runtime.resolve_provider
 
 log = logging.getLogger(__name__)
 
 GRAPH_NAME = "model.onnx"
 
-# Partial names users type -> ONNX Runtime provider names.
-_PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "gpu": "CUDAExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-}
-
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                  "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def resolve_provider(name: str) -> str:
-    """`cpu`/`cuda`/`trt`/full name -> the installed ONNX Runtime provider, or a clear error."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    key = name.strip()
-    full = _PROVIDER_ALIASES.get(key.lower(), key)
-    if full not in available:
-        matches = [p for p in available if p.lower().startswith(key.lower())]
-        if len(matches) == 1:
-            return matches[0]
-        raise RuntimeSetupError(
-            f"execution provider {name!r} ({full}) is not available in this onnxruntime "
-            f"({ort.__version__}, package {_ort_package()}). Installed: {', '.join(available)}. "
-            "For CUDA/TensorRT install the `gpu` extra: pip install 'prefix-export[gpu]'.")
-    return full
-
-
-def _ort_package() -> str:
-    from importlib import metadata
-
-    for dist in ("onnxruntime-gpu", "onnxruntime"):
-        try:
-            metadata.version(dist)
-            return dist
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
 
 
 def graph_path(folder_or_graph: str | Path) -> Path:
@@ -126,6 +83,36 @@ class OnnxDecoder:
         feeds.update(zip(self.past_names, past))
         outputs = self.session.run(self.output_names, feeds)
         return outputs[0], outputs[1:]
+
+
+class CacheLayoutDecoder:
+    """A cache-layout graph seen through the folded contract (user-only cache), for validation.
+
+    The cache-layout graph is the plain base decoder; this adapter prepends the prefix to every past,
+    P ones to the mask and adds P to the positions, then drops the prefix's P positions from the
+    presents, so validate.py's checks (written against the folded contract) apply unchanged. It
+    concatenates per step, so it is for checking, not for speed (decoding.py feeds the prefix once).
+    """
+
+    def __init__(self, decoder: OnnxDecoder, prefix_kv: np.ndarray):
+        # prefix_kv: (L, 2, H_kv, P, D), [:, 0] keys, [:, 1] values
+        self.decoder = decoder
+        self.prefix = [np.ascontiguousarray(prefix_kv[i, j]).astype(decoder.kv_dtype)[None]
+                       for i in range(prefix_kv.shape[0]) for j in (0, 1)]  # each (1, H_kv, P, D)
+        self.num_virtual_tokens = int(prefix_kv.shape[3])
+        for name in ("session", "past_names", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "output_names"):
+            setattr(self, name, getattr(decoder, name))
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return self.decoder.empty_past(batch)
+
+    def run(self, input_ids, attention_mask, position_ids, past):
+        batch, P = input_ids.shape[0], self.num_virtual_tokens
+        full_past = [np.concatenate([np.broadcast_to(prefix, (batch, *prefix.shape[1:])), user], axis=2)
+                     for prefix, user in zip(self.prefix, past)]
+        mask = np.concatenate([np.ones((batch, P), np.int64), attention_mask.astype(np.int64)], axis=1)
+        logits, presents = self.decoder.run(input_ids, mask, position_ids.astype(np.int64) + P, full_past)
+        return logits, [present[:, :, P:] for present in presents]
 
 
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:

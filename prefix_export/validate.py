@@ -112,8 +112,8 @@ class ValidationReport:
         rows = []
         for check in dict.fromkeys(c.check.split("[")[0] for c in self.comparisons):
             group = [c for c in self.comparisons if c.check.split("[")[0] == check]
-            for glob, label in ((contract.LOGITS, "logits"), ("present.*", "present.* (worst)"),
-                                ("prefix_*", "prefix_* (worst)")):
+            for glob, label in (("last_hidden_state", "last_hidden_state"), (contract.LOGITS, "logits"),
+                                ("present.*", "present.* (worst)"), ("prefix_*", "prefix_* (worst)")):
                 members = [c for c in group if fnmatch.fnmatch(c.output, glob)]
                 if members:
                     worst = max(members, key=lambda c: c.max_abs / c.atol)
@@ -230,8 +230,13 @@ def _compare_step(report, check, tolerances, logits, presents, ref_logits, ref_p
         report.comparisons.append(compare(check, name, actual, ref, tolerances.for_output(name), layer_where))
 
 
-def check_folded_prefix(report: ValidationReport, graph_file, peft_model, tolerances: Tolerances) -> None:
-    """Check 0: every `prefix_{key,value}_{i}` initializer equals PEFT's prefix cache for layer i."""
+def check_folded_prefix(report: ValidationReport, graph_file, peft_model, tolerances: Tolerances,
+                        prefix_kv_file=None) -> None:
+    """Check 0: every `prefix_{key,value}_{i}` initializer equals PEFT's prefix cache for layer i.
+
+    For the cache layout the prefix is not in the graph: `prefix_kv_file` (L, 2, H_kv, P, D), the
+    runtime's first past, is checked instead, under the same names.
+    """
     from .architectures import cache_to_tensors
     from .graph import read_initializers
 
@@ -239,7 +244,14 @@ def check_folded_prefix(report: ValidationReport, graph_file, peft_model, tolera
         cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
     layers = cache_to_tensors(cache)
     names = [contract.prefix_initializer_name(i, kind) for i in range(len(layers)) for kind in ("key", "value")]
-    found = read_initializers(graph_file, names)
+    if prefix_kv_file is not None:
+        from .decoding import load_prefix_file
+
+        stacked = load_prefix_file(prefix_kv_file)  # (L, 2, H_kv, P, D)
+        found = {contract.prefix_initializer_name(i, kind): stacked[i, j][None]
+                 for i in range(stacked.shape[0]) for j, kind in enumerate(("key", "value"))}
+    else:
+        found = read_initializers(graph_file, names)
     missing = [n for n in names if n not in found]
     if missing:
         report.problems.append(f"prefix: the graph has no initializers {missing[:4]}{'...' if len(missing) > 4 else ''}"
@@ -260,7 +272,7 @@ def check_folded_prefix(report: ValidationReport, graph_file, peft_model, tolera
 def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tolerances | None = None,
              prompt_lengths: tuple[int, ...] = (9, 5, 1), decode_steps: int = 8, greedy_tokens: int = 32,
              greedy_prompts: int = 2, seed: int = 0, max_positions: int | None = None,
-             graph_file=None, progress=None) -> ValidationReport:
+             graph_file=None, progress=None, prefix_kv_file=None) -> ValidationReport:
     """Run every check; never raises on a mismatch (the caller decides), returns the report.
 
     `max_positions` is how many user tokens the model can take (learned position tables minus P);
@@ -279,9 +291,9 @@ def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tole
                                         "per_output_atol": tolerances.per_output})
     tick = progress or (lambda *_: None)
 
-    # 0. the folded prefix itself (folded layout only: a graph file with prefix initializers).
-    if graph_file is not None:
-        check_folded_prefix(report, graph_file, peft_model, tolerances)
+    # 0. the prefix itself: the graph's initializers (folded) or prefix_kv.safetensors (cache layout).
+    if graph_file is not None or prefix_kv_file is not None:
+        check_folded_prefix(report, graph_file, peft_model, tolerances, prefix_kv_file)
     guarded = _GuardedDecoder(decoder)
     try:
         _run_checks(report, guarded, peft_model, vocab_size, tolerances, prompt_lengths, decode_steps,

@@ -38,3 +38,37 @@ def gpt2_adapter(tmp_path_factory, gpt2_dir):
 
 def read_json(path):
     return json.loads(open(path).read())
+
+
+# ---- runtime tests (generation, providers): one lively model, exported once in both layouts -------
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory):
+    """A tiny GPT-2 with large random weights, so greedy continuations vary instead of repeating."""
+    folder = tmp_path_factory.mktemp("lively")
+    save_tiny_model(tiny_config("gpt2", initializer_range=0.3), folder, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, lively_model):
+    """Three PEFT adapters: A and B with P=4, C with P=2 (a shorter prefix for masking)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_prefix(lively_model, root / name, P, projection=True, trained=True, seed=seed)
+            for name, P, seed in (("A", 4, 0), ("B", 4, 7), ("C", 2, 3))}
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, lively_model, adapters):
+    """Adapter A exported twice: folded (library call) and cache layout (through the CLI)."""
+    from prefix_export.api import export_prefix_model
+    from prefix_export.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("exports")
+    folded = export_prefix_model(str(lively_model), adapters["A"], root / "folded", progress=False)
+    assert folded.validation.passed, folded.validation.table()
+    code = cli_main(["--model", str(lively_model), "--prefix", str(adapters["A"]), "--out", str(root / "cache"),
+                     "--layout", "cache", "-q"])
+    assert code == 0
+    return {"folded": root / "folded", "cache": root / "cache"}

@@ -8,11 +8,12 @@ import torch
 
 
 def load_raw_encoder_into(base, state_path: Path):
-    """A PeftModelForCausalLM (training mode, projection as saved) with a raw PrefixEncoder state dict."""
+    """A PeftModelForCausalLM/ForSeq2SeqLM (training mode, projection as saved) with a raw PrefixEncoder state dict."""
     from peft import PrefixTuningConfig, get_peft_model
 
     config = json.loads((Path(state_path).parent / "prefix_config.json").read_text())
-    peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config["num_virtual_tokens"],
+    peft_config = PrefixTuningConfig(task_type=config.get("task_type") or "CAUSAL_LM",
+                                     num_virtual_tokens=config["num_virtual_tokens"],
                                      prefix_projection=config["prefix_projection"],
                                      encoder_hidden_size=config["encoder_hidden_size"])
     model = get_peft_model(base, peft_config)

@@ -35,6 +35,17 @@ TINY_CONFIGS = {
     "phi3": dict(num_key_value_heads=2, **_LLAMA),
     "gemma": dict(num_key_value_heads=1, head_dim=8, **_LLAMA),
     "gemma2": dict(num_key_value_heads=2, head_dim=8, sliding_window=8, query_pre_attn_scalar=8, **_LLAMA),
+    # Encoder-decoder (PEFT SEQ_2_SEQ_LM), parity test in test_seq2seq.py. BART: learned positions in a
+    # small table (64 rows, so the decoder's P offset and token budget matter), tied embeddings and
+    # final_logits_bias, a decoder shallower than the encoder (distilbart style: PEFT sizes the
+    # prefix by the encoder's depth). T5: relative position bias with few buckets and a short max distance (so
+    # the prefix's P offset moves tokens between buckets), untied, gated-GELU (v1.1 style).
+    "bart": dict(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                 decoder_start_token_id=2, forced_eos_token_id=None, **_COMMON),
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=False, decoder_start_token_id=0, **_COMMON),
 }
 
 
@@ -46,11 +57,17 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def save_tiny_model(config, folder: Path, seed: int = 0) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def _model_class(config):
+    """AutoModelForCausalLM, or AutoModelForSeq2SeqLM for the registry's seq2seq families."""
+    from prefix_export.architectures import describe
+    from prefix_export.base_model import auto_model_class
 
+    return auto_model_class(describe(config))
+
+
+def save_tiny_model(config, folder: Path, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = _model_class(config).from_config(config).eval()
     model.save_pretrained(folder)
     return model
 
@@ -64,11 +81,14 @@ def make_prefix(model_dir: Path, out: Path, num_virtual_tokens: int, projection:
     as out/prefix_encoder.{safetensors,pt} + out/prefix_config.json. Returns the path to pass as --prefix.
     """
     from peft import PrefixTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from prefix_export.architectures import describe
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+    model_config = AutoConfig.from_pretrained(model_dir)
+    model = _model_class(model_config).from_pretrained(model_dir)
+    config = PrefixTuningConfig(task_type=describe(model_config).task_type, num_virtual_tokens=num_virtual_tokens,
                                 prefix_projection=projection, encoder_hidden_size=24)
     peft_model = get_peft_model(model, config)
     encoder = peft_model.prompt_encoder["default"]

@@ -1,0 +1,243 @@
+"""Validation of an encoder-decoder export on ONNX Runtime against PEFT's `PeftModelForSeq2SeqLM` forward.
+
+Same two phases and report as validate.py (Comparison, compare, ValidationReport). The reference is
+PEFT's forward over the whole decoder sequence at every step (no cache, encoder rerun each time),
+which shares no code with export_seq2seq.py; greedy decoding on the reference is a loop on that
+forward, never `PeftModel.generate()`.
+
+Checks, in order (each collects its failures; nothing stops at the first):
+  0. prefix: the decoder's `prefix_decoder_{key,value}_{i}` initializers equal PEFT's self-attention
+     prefix, and PEFT's cross-attention prefix is empty (what the graph assumes);
+  1. encoder: last_hidden_state of a right-padded batch of prompts of different lengths;
+  2. prefill: the first decoder step, several decoder tokens, cross K/V computed in the graph;
+  3. decode: N incremental steps feeding the graph's own presents back;
+  4. greedy: new tokens token for token against a greedy loop on PEFT's forward.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from . import architectures
+from . import seq2seq_contract as contract
+from .runtime_seq2seq import OnnxSeq2Seq, greedy_generate_seq2seq
+from .validate import PREFIX_ATOL, Tolerances, ValidationReport, compare
+
+log = logging.getLogger(__name__)
+
+
+# ---- reference: PEFT's own forward ---------------------------------------------------------------
+
+
+def _reference_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray,
+                       num_layers: int | None = None):
+    """PEFT forward over the whole decoder sequence: logits (B, T, V), encoder output (B, S, d),
+    the user part of the self-attention cache ([P:]) and the cross-attention cache, numpy.
+
+    PEFT's self-attention cache has a layer per *encoder* layer; a shallower decoder's cache is its
+    first `num_layers`."""
+    P = peft_model.active_peft_config.num_virtual_tokens
+    with torch.no_grad():
+        out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                         decoder_input_ids=torch.from_numpy(decoder_input_ids), use_cache=True, return_dict=True)
+    self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(architectures.output_cache(out))
+    self_layers, cross_layers = self_layers[:num_layers], cross_layers[:num_layers]
+    presents = []
+    for key, value in self_layers:
+        presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
+    for key, value in cross_layers:
+        presents += [key.float().numpy(), value.float().numpy()]
+    return out.logits.float().numpy(), out.encoder_last_hidden_state.float().numpy(), presents
+
+
+def reference_greedy(peft_model, prompt: np.ndarray, decoder_start_token_id: int, max_new_tokens: int) -> np.ndarray:
+    """Greedy tokens (T,) from PEFT's forward, recomputing the whole decoder sequence each step."""
+    input_ids = prompt.astype(np.int64)[None, :]
+    mask = np.ones_like(input_ids)
+    decoder_ids = np.array([[decoder_start_token_id]], np.int64)
+    new = []
+    for _ in range(max_new_tokens):
+        logits, _, _ = _reference_forward(peft_model, input_ids, mask, decoder_ids)
+        next_token = int(logits[0, -1].argmax())
+        new.append(next_token)
+        decoder_ids = np.concatenate([decoder_ids, [[next_token]]], axis=1)
+    return np.array(new, dtype=np.int64)
+
+
+# ---- the checks ----------------------------------------------------------------------------------
+
+
+def make_encoder_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 0, pad_token_id: int = 0):
+    """Random prompts, right-padded into one batch (the seq2seq convention): ids, mask (B, S_max), prompts."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab_size, size=n, dtype=np.int64) for n in lengths]
+    width = max(lengths)
+    ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+        mask[row, :len(prompt)] = 1
+    return ids, mask, prompts
+
+
+def check_folded_prefix(report: ValidationReport, decoder_graph, peft_model, num_layers: int,
+                        tolerances: Tolerances) -> None:
+    """Check 0: every `prefix_decoder_{key,value}_{i}` equals PEFT's self-attention prefix of layer i.
+
+    PEFT provisions the prefix for the encoder's depth; a shallower decoder uses its first layers."""
+    from .graph import read_initializers
+
+    with torch.no_grad():
+        cache = peft_model.get_prompt(batch_size=1)
+    self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(cache)
+    self_layers = self_layers[:num_layers]
+    if any(key.shape[2] for key, _ in cross_layers):
+        report.problems.append("prefix: PEFT puts prefix positions into the cross-attention cache; the graph folds "
+                               "the prefix into decoder self-attention only")
+    owners = contract.prefix_owners(self_layers)  # layers with identical prefixes share initializers
+    names = [contract.prefix_initializer_name(i, kind) for i in sorted(set(owners)) for kind in contract.KINDS]
+    found = read_initializers(decoder_graph, names)
+    missing = [n for n in names if n not in found]
+    if missing:
+        report.problems.append(f"prefix: the decoder graph has no initializers {missing[:4]}"
+                               f"{'...' if len(missing) > 4 else ''}; it is not a folded export, or a pass renamed them")
+        return
+    atol = tolerances.per_output.get("prefix", PREFIX_ATOL)
+    for i, (key, value) in enumerate(self_layers):
+        for kind, reference in (("key", key), ("value", value)):
+            name = contract.prefix_initializer_name(owners[i], kind)
+            if tuple(found[name].shape) != tuple(reference.shape):
+                report.problems.append(f"prefix: {name} has shape {tuple(found[name].shape)}, PEFT's prefix for "
+                                       f"layer {i} is {tuple(reference.shape)} (1, H, P, D)")
+                continue
+            label = name if owners[i] == i else f"{name} (layer {i})"
+            report.comparisons.append(compare("prefix", label, found[name], reference.float().numpy(), atol))
+
+
+def _check_shapes(report: ValidationReport, check: str, names: list[str], arrays: list[np.ndarray],
+                  expected: dict[str, tuple]) -> bool:
+    ok = True
+    for name, array in zip(names, arrays):
+        if tuple(array.shape) != expected[name]:
+            report.problems.append(f"{check}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
+            ok = False
+        elif not np.isfinite(array).all():
+            report.problems.append(f"{check}: {name} holds {int((~np.isfinite(array)).sum())} NaN/Inf values")
+            ok = False
+    return ok
+
+
+def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, presents, ref_logits, ref_presents,
+                        encoder_mask: np.ndarray, vocab: int) -> bool:
+    """Names, shapes, finiteness, then values; logits compared at the last len(logits) positions."""
+    L = model.num_layers
+    expected_names = contract.decoder_output_names(L)
+    if model.decoder_output_names != expected_names:
+        report.problems.append(f"{check}: decoder output names {model.decoder_output_names} differ from the contract "
+                               f"{expected_names}")
+        return False
+    batch, seq = ref_logits.shape[0], logits.shape[1]
+    total, encoder_length = ref_presents[0].shape[2], encoder_mask.shape[1]
+    shapes = {contract.LOGITS: (batch, seq, vocab)}
+    shapes.update({n: (batch, model.num_heads, total, model.head_dim) for n in contract.present_names(L, "decoder")})
+    shapes.update({n: (batch, model.num_heads, encoder_length, model.head_dim)
+                   for n in contract.present_names(L, "encoder")})
+    if not _check_shapes(report, check, expected_names, [logits, *presents], shapes):
+        return False
+    report.comparisons.append(compare(check, contract.LOGITS, logits, ref_logits[:, -seq:],
+                                      tolerances.for_output(contract.LOGITS)))
+    cross_where = encoder_mask[:, None, :, None].astype(bool)
+    if len(ref_presents) != len(presents):
+        report.problems.append(f"{check}: PEFT's cache has {len(ref_presents)} tensors, the graph returns "
+                               f"{len(presents)} presents")
+        return False
+    for name, actual, reference in zip(expected_names[1:], presents, ref_presents):
+        if actual.shape != reference.shape:
+            report.problems.append(f"{check}: {name} has shape {actual.shape}, PEFT's cache {reference.shape}")
+            continue
+        where = cross_where if ".encoder." in name else None
+        report.comparisons.append(compare(check, name, actual, reference, tolerances.for_output(name), where))
+    return True
+
+
+def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpec,
+                     tolerances: Tolerances | None = None, prompt_lengths: tuple[int, ...] = (9, 5, 1),
+                     first_step_tokens: int = 3, decode_steps: int = 8, greedy_tokens: int = 32,
+                     greedy_prompts: int = 2, seed: int = 0, decoder_graph=None, progress=None) -> ValidationReport:
+    """Run every check; never raises on a mismatch (the caller decides), returns the report.
+
+    With learned decoder positions (BART) the decoder can take `max_positions - P` tokens; the decode
+    and greedy checks are shortened to fit.
+    """
+    tolerances = tolerances or Tolerances()
+    P = peft_model.active_peft_config.num_virtual_tokens
+    start = spec.decoder_start_token_id if spec.decoder_start_token_id is not None else 0
+    if spec.positions == "learned" and spec.max_positions is not None:
+        budget = spec.max_positions - P
+        decode_steps = max(0, min(decode_steps, budget - first_step_tokens))
+        greedy_tokens = max(1, min(greedy_tokens, budget - 1))
+        prompt_lengths = tuple(min(n, spec.max_positions) for n in prompt_lengths)
+    report = ValidationReport(settings={"prompt_lengths": list(prompt_lengths), "first_step_tokens": first_step_tokens,
+                                        "decode_steps": decode_steps, "greedy_tokens": greedy_tokens, "seed": seed,
+                                        "decoder_start_token_id": start, "atol": tolerances.atol,
+                                        "per_output_atol": tolerances.per_output})
+    tick = progress or (lambda *_: None)
+    vocab = spec.vocab_size
+
+    if decoder_graph is not None:
+        check_folded_prefix(report, decoder_graph, peft_model, spec.num_layers, tolerances)
+
+    # 1. encoder: right-padded batch; only real positions are compared.
+    ids, mask, prompts = make_encoder_prompts(vocab, prompt_lengths, seed)
+    batch = ids.shape[0]
+    if model.encoder_output_names != contract.encoder_output_names():
+        report.problems.append(f"encoder: output names {model.encoder_output_names} differ from the contract "
+                               f"{contract.encoder_output_names()}")
+        return report
+    hidden = model.encode(ids, mask)
+    rng = np.random.default_rng(seed + 1)
+    decoder_ids = np.concatenate([np.full((batch, 1), start, np.int64),
+                                  rng.integers(3, vocab, size=(batch, first_step_tokens - 1), dtype=np.int64)], axis=1)
+    ref_logits, ref_hidden, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
+    if _check_shapes(report, "encoder", [contract.LAST_HIDDEN_STATE], [hidden],
+                     {contract.LAST_HIDDEN_STATE: ref_hidden.shape}):
+        report.comparisons.append(compare("encoder", contract.LAST_HIDDEN_STATE, hidden, ref_hidden,
+                                          tolerances.for_output(contract.LAST_HIDDEN_STATE),
+                                          mask[:, :, None].astype(bool)))
+    tick("encoder")
+
+    # 2. prefill: the first decoder step computes the cross-attention K/V from the encoder output.
+    logits, past = model.decode(decoder_ids, mask, hidden, model.empty_past(batch))
+    ok = _check_decoder_step(report, "prefill", model, tolerances, logits, past, ref_logits, ref_presents, mask, vocab)
+    tick("prefill")
+
+    # 3. decode: feed the graph's own presents back, no new encoder states; fixed random next tokens.
+    no_states = model.no_new_encoder_states(batch)
+    for step in range(decode_steps if ok and not report.problems else 0):
+        next_ids = rng.integers(3, vocab, size=(batch, 1), dtype=np.int64)
+        decoder_ids = np.concatenate([decoder_ids, next_ids], axis=1)
+        logits, past = model.decode(next_ids, mask, no_states, past)
+        ref_logits, _, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
+        if not _check_decoder_step(report, f"decode[{step}]", model, tolerances, logits, past, ref_logits,
+                                   ref_presents, mask, vocab):
+            break
+        tick(f"decode[{step}]")
+
+    # 4. greedy, token for token, one prompt at a time (batch 1, no padding).
+    for index, prompt in enumerate(prompts[:greedy_prompts]):
+        expected = reference_greedy(peft_model, prompt, start, greedy_tokens)
+        got = greedy_generate_seq2seq(model, prompt[None, :], np.ones((1, len(prompt)), np.int64), start,
+                                      greedy_tokens)[0]
+        equal = got == expected
+        matching = int(equal.sum()) if len(got) == len(expected) else 0
+        first_diff = None if equal.all() else int(np.argmin(equal))
+        report.greedy.append({"prompt": index, "prompt_length": int(len(prompt)), "new_tokens": greedy_tokens,
+                              "matching": matching, "first_mismatch": first_diff,
+                              "reference": expected.tolist(), "onnx": got.tolist()})
+        if first_diff is not None:
+            report.problems.append(f"greedy prompt {index}: tokens differ from step {first_diff} on "
+                                   f"(onnx {got[first_diff]} vs PEFT {expected[first_diff]})")
+        tick(f"greedy[{index}]")
+    return report

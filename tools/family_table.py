@@ -1,0 +1,67 @@
+"""Export every registered architecture's tiny model with a trained prefix; print a markdown table.
+
+For the closing notes of architecture work: max logit error against PEFT (prefill and decode),
+greedy agreement and export time per family, from one run on this machine.
+    python tools/family_table.py [--json families.json] [TYPE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("types", nargs="*", help="model types (default: the whole registry)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    from prefix_export import architectures
+    from prefix_export.api import export_prefix_model
+    from prefix_export.errors import PrefixExportError
+    from tiny_models import make_prefix, save_tiny_model, tiny_config
+
+    rows = []
+    print("| family | projection | max logit err (prefill / decode) | greedy | export s |")
+    print("| --- | --- | --- | --- | --- |")
+    for model_type in args.types or architectures.supported_model_types():
+        for projection in (True, False):
+            work = Path(tempfile.mkdtemp(prefix=f"{model_type}-"))
+            row = {"family": model_type, "projection": projection}
+            try:
+                save_tiny_model(tiny_config(model_type), work / "model")
+                prefix = make_prefix(work / "model", work / "prefix", 5, projection=projection, trained=True)
+                result = export_prefix_model(str(work / "model"), prefix, work / "out", progress=False)
+                summary = {(r["check"], r["output"]): r["max_abs"] for r in result.report["validation"]["summary"]}
+                greedy = result.report["validation"]["greedy"]
+                row.update(prefill=summary.get(("prefill", "logits")), decode=summary.get(("decode", "logits")),
+                           greedy=f"{sum(g['matching'] for g in greedy)}/{sum(g['new_tokens'] for g in greedy)}",
+                           export_s=result.report["timing_s"]["export"], passed=result.validation.passed)
+            except PrefixExportError as exc:
+                row.update(error=f"{type(exc).__name__}: {str(exc)[:200]}", passed=False)
+            rows.append(row)
+            if "error" in row:
+                print(f"| {model_type} | {projection} | {row['error']} | | |")
+            else:
+                print(f"| {model_type} | {'on' if projection else 'off'} | {row['prefill']:.1e} / {row['decode']:.1e} "
+                      f"| {row['greedy']} | {row['export_s']:.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
