@@ -224,7 +224,7 @@ def test_prefix_for_another_task(tmp_path, gpt2_dir, gpt2_adapter, out, capsys):
     config["task_type"] = "SEQ_2_SEQ_LM"
     bad = copy_adapter(gpt2_adapter, tmp_path / "bad", config=config)
     code, text = run_cli(export_args(gpt2_dir, bad, out), capsys)
-    assert_refused(code, text, out, "prefix for task SEQ_2_SEQ_LM", "CAUSAL_LM")
+    assert_refused(code, text, out, "trained for task SEQ_2_SEQ_LM", "takes CAUSAL_LM prefixes")
 
 
 def test_integer_prefix_tensor(tmp_path, gpt2_dir, gpt2_adapter, out, capsys):
@@ -391,7 +391,10 @@ def _fake_export_folder(folder: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "s"])])
-    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    model = helper.make_model(graph)
+    for key, value in (("prefix_export.num_virtual_tokens", "2"), ("prefix_export.layout", "folded")):
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(folder / "model.onnx"))
     (folder / "config.json").write_text(json.dumps({"n_positions": 64}))
     return folder
 
