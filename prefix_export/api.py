@@ -297,6 +297,10 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     folder = Path(folder)
     report = read_report(folder)
     problems = check_hashes(folder, report)
+    graph_name = report.get("graph", {}).get("graph") or "model.onnx"
+    if not (folder / graph_name).is_file():
+        # Nothing to run; a missing file is a failed check (exit 1), like a changed one.
+        return ValidationReport(problems=[f"hash: {p}" for p in problems] or [f"hash: {graph_name} is missing"])
     inputs = report.get("inputs", {})
     model = model or _existing(inputs.get("model_path")) or inputs.get("model")
     prefix = prefix or _existing(inputs.get("prefix_path")) or inputs.get("prefix")

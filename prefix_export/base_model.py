@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -88,10 +89,16 @@ def load_base_model(source: str, dtype: str | None = None) -> BaseModel:
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     path = Path(source).expanduser()
+    from safetensors import SafetensorError
+
     try:
         model = auto_model_class(spec).from_pretrained(str(path) if path.exists() else source, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"--model {source!r}: the weights could not be loaded ({exc}).") from exc
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+        # SafetensorError: a truncated or corrupt model.safetensors; UnpicklingError: a .bin that
+        # weights_only=True refuses (transformers never unpickles arbitrary objects for us).
+        raise InputError(f"--model {source!r}: the weights could not be loaded ({type(exc).__name__}: {exc}); "
+                         "expected complete model.safetensors (or pytorch_model.bin) files saved with "
+                         "save_pretrained(). Save or download the model again.") from exc
     model.eval()
     _check_finite_weights(model, source)
     local_dir = path if path.exists() else _snapshot_dir(source)

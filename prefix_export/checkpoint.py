@@ -100,6 +100,7 @@ def _prefix_config(data: dict, source: Path):
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a pickle with weights_only=True (never unsafe unpickling)."""
+    _check_readable(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); the checkpoint was not saved completely.")
     if path.suffix == ".safetensors":
@@ -122,6 +123,17 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a state dict of tensors.")
     return state
+
+
+def _check_readable(path: Path) -> None:
+    """Open the file once in Python, so a permission problem is named as such (safetensors' own
+    reader would report it as an opaque deserialisation error)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({type(exc).__name__}: {exc.strerror or exc}); expected a readable "
+                         "checkpoint file. Check its permissions.") from exc
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,6 +184,9 @@ def _prompt_embeddings(state: dict[str, torch.Tensor], config, source: Path) -> 
         raise CheckpointError(
             f"{source}: no prefix found. Keys: {sorted(state)[:8]}; expected 'prompt_embeddings' (PEFT adapter) or "
             "a PrefixEncoder state dict ('embedding.weight' [+ 'transform.0/2.weight/bias']).")
+    if not embeddings.is_floating_point():
+        raise CheckpointError(f"{source}: the prefix tensor has dtype {str(embeddings.dtype).replace('torch.', '')}; "
+                              "expected floating point (float32, float16 or bfloat16) prefix values.")
     expected_shape = (config.num_virtual_tokens, width)
     if tuple(embeddings.shape) != expected_shape:
         raise CheckpointError(

@@ -184,7 +184,7 @@ def cmd_export(args) -> int:
         args.model, args.prefix, args.out, prefix_config=args.prefix_config, force=args.force,
         run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
-        progress=not args.quiet and not args.json, command_line=["prefix-export", *sys.argv[1:]], triton=args.triton)
+        progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -261,6 +261,7 @@ def cmd_inspect(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)  # as typed, for export_report.json (main(argv) is also called in-process)
     global_flags = {"-v", "-vv", "--verbose", "-q", "--quiet", "--json"}
     first = next((a for a in argv if a not in global_flags), None)
     if first is not None and first not in SUBCOMMANDS and first not in ("-h", "--help"):
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(position, "export")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = given
     for flag, default in (("verbose", 0), ("quiet", False), ("json", False)):
         if not hasattr(args, flag):
             setattr(args, flag, default)

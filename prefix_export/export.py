@@ -9,6 +9,7 @@ with `validate.py`, whose reference is PEFT's own forward.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 from pathlib import Path
@@ -141,6 +142,23 @@ def _export(wrapper: torch.nn.Module, spec: architectures.ArchSpec, dtype: torch
                               dynamic_shapes=dynamic_shapes, optimize=True, external_data=True,
                               verbose=False)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one typed error for users
+        disk = _os_error_in_chain(exc)
+        if disk is not None:
+            raise disk from exc  # a write failed (disk full, permissions): the pipeline names it as such
         raise ExportFailedError(f"torch.onnx.export failed for {spec.model_type}: {type(exc).__name__}: {exc}\n"
                                 f"exporter output:\n{captured.getvalue()[-2000:]}") from exc
     log.debug("exporter output:\n%s", captured.getvalue())
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def _os_error_in_chain(exc: BaseException) -> OSError | None:
+    """The OSError behind an exporter exception (it wraps what its writer raised), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -162,6 +162,15 @@ def compute_prefix_kv(peft_model, spec: architectures.ArchSpec) -> PrefixKV:
                                 f"cache needs (1, {spec.num_kv_heads}, P, {spec.head_dim}) (H_kv, D).")
         stacked.append(torch.stack([key[0], value[0]]))
     tensor = torch.stack(stacked).detach().contiguous()  # (L, 2, H_kv, P, D)
+    if not torch.isfinite(tensor).all():
+        # The checkpoint itself was checked finite, so this is the cast to the model's dtype overflowing.
+        source = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise MismatchError(
+            f"the prefix does not fit the model's dtype: cast to {str(tensor.dtype).replace('torch.', '')} it holds "
+            f"{bad} Inf/NaN values (prefix values reach {float(source.detach().abs().max()):.3g} in "
+            f"{str(source.dtype).replace('torch.', '')}). Export in float32 (--dtype float32), or use a prefix "
+            "whose values fit the model's dtype.")
     log.info("prefix KV: shape %s, dtype %s", tuple(tensor.shape), tensor.dtype)
     return PrefixKV(tensor)
 

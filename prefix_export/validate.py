@@ -280,26 +280,63 @@ def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tole
     """
     tolerances = tolerances or Tolerances()
     if max_positions is not None:
+        # A learned position table of max_positions rows (after P): prompts longer than that would
+        # index past it, in the graph and in PEFT alike.
+        prompt_lengths = tuple(max(1, min(n, max_positions)) for n in prompt_lengths)
         longest = max(prompt_lengths)
         decode_steps = max(0, min(decode_steps, max_positions - longest))
         greedy_tokens = max(1, min(greedy_tokens, max_positions - longest))
     report = ValidationReport(settings={"prompt_lengths": list(prompt_lengths), "decode_steps": decode_steps,
                                         "greedy_tokens": greedy_tokens, "seed": seed, "atol": tolerances.atol,
                                         "per_output_atol": tolerances.per_output})
-    names = contract.present_names(decoder.num_layers)
     tick = progress or (lambda *_: None)
 
     # 0. the prefix itself: the graph's initializers (folded) or prefix_kv.safetensors (cache layout).
     if graph_file is not None or prefix_kv_file is not None:
         check_folded_prefix(report, graph_file, peft_model, tolerances, prefix_kv_file)
+    guarded = _GuardedDecoder(decoder)
+    try:
+        _run_checks(report, guarded, peft_model, vocab_size, tolerances, prompt_lengths, decode_steps,
+                    greedy_tokens, greedy_prompts, seed, tick)
+    except _GraphRunFailed as exc:
+        # A graph that ONNX Runtime cannot run on valid feeds is a failed validation, not a crash.
+        report.problems.append(f"{guarded.stage}: ONNX Runtime failed running the graph: {exc}")
+    return report
 
+
+class _GraphRunFailed(Exception):
+    pass
+
+
+class _GuardedDecoder:
+    """The decoder, with ONNX Runtime's own exceptions turned into _GraphRunFailed."""
+
+    def __init__(self, decoder: OnnxDecoder):
+        self._decoder = decoder
+        self.stage = "prefill"
+
+    def __getattr__(self, name):
+        return getattr(self._decoder, name)
+
+    def run(self, *args):
+        try:
+            return self._decoder.run(*args)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise _GraphRunFailed(f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+
+
+def _run_checks(report, decoder, peft_model, vocab_size, tolerances, prompt_lengths, decode_steps, greedy_tokens,
+                greedy_prompts, seed, tick) -> None:
+    """Checks 1-4 (names/shapes/finiteness are checked on every step before its values)."""
+    names = contract.present_names(decoder.num_layers)
     # 2. prefill: left-padded batch, positions from the mask.
     ids, mask, prompts = make_prompts(vocab_size, prompt_lengths, seed)
     positions = positions_from_mask(mask)
     batch, seq = ids.shape
     logits, presents = decoder.run(ids, mask, positions, decoder.empty_past(batch))
     ref_logits, ref_presents = _reference_forward(peft_model, ids, mask, positions)
-    if _check_outputs(report, "prefill", decoder, logits, presents, batch, seq, seq, vocab_size):
+    structure_ok = _check_outputs(report, "prefill", decoder, logits, presents, batch, seq, seq, vocab_size)
+    if structure_ok:
         _compare_step(report, "prefill", tolerances, logits, presents, ref_logits, ref_presents, mask, mask, names)
     tick("prefill")
 
@@ -311,8 +348,9 @@ def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tole
         all_ids = np.concatenate([all_ids, next_ids], axis=1)
         all_mask = np.concatenate([all_mask, np.ones((batch, 1), np.int64)], axis=1)
         step_positions = positions_from_mask(all_mask)[:, -1:]
-        logits, past = decoder.run(next_ids, all_mask, step_positions, past)
         check = f"decode[{step}]"
+        decoder.stage = check
+        logits, past = decoder.run(next_ids, all_mask, step_positions, past)
         total = all_ids.shape[1]
         if not _check_outputs(report, check, decoder, logits, past, batch, 1, total, vocab_size):
             break
@@ -322,7 +360,9 @@ def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tole
         tick(check)
 
     # 4. greedy, token for token, one prompt at a time (batch 1, no padding).
-    for index, prompt in enumerate(prompts[:greedy_prompts]):
+    # (skipped when the outputs' names or shapes are already wrong: their values mean nothing)
+    for index, prompt in enumerate(prompts[:greedy_prompts] if structure_ok else []):
+        decoder.stage = f"greedy[{index}]"
         expected = reference_greedy(peft_model, prompt, greedy_tokens)
         got = greedy_generate(decoder, prompt[None, :], np.ones((1, len(prompt)), np.int64), greedy_tokens)[0]
         equal = got == expected
@@ -335,4 +375,3 @@ def validate(decoder: OnnxDecoder, peft_model, vocab_size: int, tolerances: Tole
             report.problems.append(f"greedy prompt {index}: tokens differ from step {first_diff} on "
                                    f"(onnx {got[first_diff]} vs PEFT {expected[first_diff]})")
         tick(f"greedy[{index}]")
-    return report
