@@ -297,10 +297,13 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     folder = Path(folder)
     report = read_report(folder)
     problems = check_hashes(folder, report)
-    graph_name = report.get("graph", {}).get("graph") or "model.onnx"
-    if not (folder / graph_name).is_file():
+    graph_info = report.get("graph", {})
+    # A seq2seq export lists its graphs under `parts`; a decoder-only export has one graph.
+    graph_names = list(graph_info.get("parts", {})) or [graph_info.get("graph") or "model.onnx"]
+    missing = [name for name in graph_names if not (folder / name).is_file()]
+    if missing:
         # Nothing to run; a missing file is a failed check (exit 1), like a changed one.
-        return ValidationReport(problems=[f"hash: {p}" for p in problems] or [f"hash: {graph_name} is missing"])
+        return ValidationReport(problems=[f"hash: {p}" for p in problems] or [f"hash: {m} is missing" for m in missing])
     inputs = report.get("inputs", {})
     model = model or _existing(inputs.get("model_path")) or inputs.get("model")
     prefix = prefix or _existing(inputs.get("prefix_path")) or inputs.get("prefix")
