@@ -28,7 +28,7 @@ class ArchSpec:
     model_type: str
     num_layers: int
     num_attention_heads: int
-    num_kv_heads: int  # < num_attention_heads for grouped/multi-query attention
+    num_kv_heads: int  # heads the KV cache holds: < num_attention_heads for grouped/multi-query attention
     head_dim: int
     hidden_size: int
     vocab_size: int
@@ -78,19 +78,95 @@ def describe(config) -> ArchSpec:
     return _REGISTRY[model_type](config)
 
 
+def _head_dim(config, hidden_size: int, heads: int) -> int:
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit) if explicit else hidden_size // heads
+
+
 @register("gpt2")
 def _gpt2(config) -> ArchSpec:
     return ArchSpec(
-        model_type="gpt2",
-        num_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_kv_heads=config.n_head,
-        head_dim=config.n_embd // config.n_head,
-        hidden_size=config.n_embd,
-        vocab_size=config.vocab_size,
-        positions="learned",
-        max_positions=config.n_positions,
-    )
+        model_type="gpt2", num_layers=config.n_layer, num_attention_heads=config.n_head, num_kv_heads=config.n_head,
+        head_dim=config.n_embd // config.n_head, hidden_size=config.n_embd, vocab_size=config.vocab_size,
+        positions="learned", max_positions=config.n_positions)
+
+
+@register("gpt_neo")
+def _gpt_neo(config) -> ArchSpec:
+    # Alternating global/local layers; local layers attend to the last `window_size` positions.
+    local = "local" in set(config.attention_layers)
+    return ArchSpec(
+        model_type="gpt_neo", num_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_kv_heads=config.num_heads, head_dim=config.hidden_size // config.num_heads,
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="learned",
+        max_positions=config.max_position_embeddings, sliding_window=config.window_size if local else None)
+
+
+@register("gptj")
+def _gptj(config) -> ArchSpec:
+    return ArchSpec(
+        model_type="gptj", num_layers=config.n_layer, num_attention_heads=config.n_head, num_kv_heads=config.n_head,
+        head_dim=config.n_embd // config.n_head, hidden_size=config.n_embd, vocab_size=config.vocab_size,
+        positions="rotary", max_positions=None)
+
+
+@register("gpt_neox")
+def _gpt_neox(config) -> ArchSpec:
+    return ArchSpec(
+        model_type="gpt_neox", num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_kv_heads=config.num_attention_heads, head_dim=config.hidden_size // config.num_attention_heads,
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="rotary", max_positions=None)
+
+
+@register("opt")
+def _opt(config) -> ArchSpec:
+    # OPT's learned table has max_position_embeddings rows after its offset of 2.
+    return ArchSpec(
+        model_type="opt", num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_kv_heads=config.num_attention_heads, head_dim=config.hidden_size // config.num_attention_heads,
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="learned",
+        max_positions=config.max_position_embeddings)
+
+
+@register("bloom")
+def _bloom(config) -> ArchSpec:
+    # ALiBi: the bias comes from the attention mask, so the P prepended ones place the prefix.
+    return ArchSpec(
+        model_type="bloom", num_layers=config.n_layer, num_attention_heads=config.n_head, num_kv_heads=config.n_head,
+        head_dim=config.hidden_size // config.n_head, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+        positions="alibi", max_positions=None)
+
+
+@register("falcon")
+def _falcon(config) -> ArchSpec:
+    if config.new_decoder_architecture:
+        # falcon-40b style: grouped K/V are broadcast to every attention head *before* caching,
+        # so the cache (and PEFT's prefix) holds num_attention_heads heads.
+        kv_heads = config.num_attention_heads
+    else:
+        kv_heads = 1 if config.multi_query else config.num_attention_heads
+    return ArchSpec(
+        model_type="falcon", num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_kv_heads=kv_heads, head_dim=config.hidden_size // config.num_attention_heads,
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+        positions="alibi" if config.alibi else "rotary", max_positions=None)
+
+
+def _llama_like(model_type: str):
+    def describe_llama_like(config) -> ArchSpec:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return ArchSpec(
+            model_type=model_type, num_layers=config.num_hidden_layers, num_attention_heads=heads,
+            num_kv_heads=kv_heads, head_dim=_head_dim(config, config.hidden_size, heads),
+            hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="rotary", max_positions=None,
+            sliding_window=getattr(config, "sliding_window", None))
+
+    return describe_llama_like
+
+
+for _type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"):
+    register(_type)(_llama_like(_type))
 
 
 # ---- cache compatibility (kept here so version checks live in one place) -------------------------

@@ -15,7 +15,7 @@ import torch
 from . import architectures
 from .base_model import BaseModel
 from .checkpoint import PrefixCheckpoint
-from .errors import CheckpointError, MismatchError
+from .errors import CheckpointError, MismatchError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,12 @@ def expected_prefix_config(base: BaseModel, num_virtual_tokens: int):
     return _prepare_prompt_learning_config(config, base.config)
 
 
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
 def check_fits(base: BaseModel, checkpoint: PrefixCheckpoint) -> None:
     """Raise MismatchError, showing both sides, when the prefix was trained for another shape."""
     expected = expected_prefix_config(base, checkpoint.num_virtual_tokens)
@@ -77,6 +83,13 @@ def check_fits(base: BaseModel, checkpoint: PrefixCheckpoint) -> None:
         got, want = getattr(checkpoint.config, field), getattr(expected, field)
         if got != want:
             diffs.append(f"{label}: prefix has {got}, model {base.source!r} needs {want}")
+    if not diffs and expected.num_attention_heads != base.spec.num_kv_heads:
+        raise UnsupportedError(
+            f"PEFT {_peft_version()} cannot prefix-tune this {base.spec.model_type} configuration: it provisions the "
+            f"prefix with {expected.num_attention_heads} heads, but the model's cache has {base.spec.num_kv_heads} "
+            "KV heads (multi-query or grouped-query attention that PEFT does not detect for this architecture), "
+            "so PEFT's own forward fails. There is nothing correct to export; use a configuration with one KV head "
+            "per attention head, or an architecture PEFT supports for GQA (llama, mistral, qwen2, ...).")
     if diffs:
         raise MismatchError("the prefix does not fit the model: " + "; ".join(diffs) +
                             ". Use the base model the prefix was trained on (adapter_config.json "

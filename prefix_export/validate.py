@@ -219,7 +219,15 @@ def _compare_step(report, check, tolerances, logits, presents, ref_logits, ref_p
                                       tolerances.for_output(contract.LOGITS), mask_new[:, :, None].astype(bool)))
     where = mask_total[:, None, :, None].astype(bool)
     for name, actual, ref in zip(names, presents, ref_presents):
-        report.comparisons.append(compare(check, name, actual, ref, tolerances.for_output(name), where))
+        kept = ref.shape[2]
+        if kept < actual.shape[2]:
+            # A sliding-window layer's cache in transformers keeps only its last window of positions
+            # (after dropping the prefix, the trailing `kept` user positions); the graph keeps the
+            # whole cache and masks instead, so compare the positions both hold.
+            actual, layer_where = actual[:, :, actual.shape[2] - kept:], where[:, :, where.shape[2] - kept:]
+        else:
+            layer_where = where
+        report.comparisons.append(compare(check, name, actual, ref, tolerances.for_output(name), layer_where))
 
 
 def check_folded_prefix(report: ValidationReport, graph_file, peft_model, tolerances: Tolerances) -> None:

@@ -8,8 +8,33 @@ from pathlib import Path
 import torch
 
 # One tiny config per registered architecture; test_architectures fails when one is missing.
+# Each covers a feature: GQA/MQA (llama, mistral, qwen3, gemma2, falcon), rotary (gptj, gpt_neox, llama...),
+# ALiBi (bloom), learned positions (gpt2, gpt_neo, opt), sliding windows smaller than the test
+# sequences (mistral, gemma2, gpt_neo local layers), untied embeddings (llama, opt's default is tied).
+_COMMON = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, **_COMMON)
 TINY_CONFIGS = {
-    "gpt2": dict(n_layer=2, n_head=4, n_embd=32, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2),
+    "gpt2": dict(n_layer=2, n_head=4, n_embd=32, n_positions=128, **_COMMON),
+    "gpt_neo": dict(num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=128, window_size=8,
+                    attention_types=[[["global", "local"], 1]], **_COMMON),
+    "gptj": dict(n_layer=2, n_head=4, n_embd=32, rotary_dim=4, n_positions=128, **_COMMON),
+    "gpt_neox": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                     max_position_embeddings=128, rotary_pct=0.5, **_COMMON),
+    "opt": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                max_position_embeddings=128, **_COMMON),
+    "bloom": dict(n_layer=2, n_head=4, hidden_size=32, **_COMMON),
+    # falcon-40b style (new decoder architecture, 2 KV groups); multi-query falcon-7b style is refused
+    # because PEFT itself cannot prefix-tune it (see test_architectures).
+    "falcon": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, new_decoder_architecture=True,
+                   num_kv_heads=2, alibi=False, **_COMMON),
+    "llama": dict(num_key_value_heads=2, tie_word_embeddings=False, **_LLAMA),
+    "mistral": dict(num_key_value_heads=2, sliding_window=8, **_LLAMA),
+    "qwen2": dict(num_key_value_heads=4, tie_word_embeddings=True, **_LLAMA),
+    "qwen3": dict(num_key_value_heads=1, head_dim=16, **_LLAMA),
+    "phi3": dict(num_key_value_heads=2, **_LLAMA),
+    "gemma": dict(num_key_value_heads=1, head_dim=8, **_LLAMA),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, sliding_window=8, query_pre_attn_scalar=8, **_LLAMA),
 }
 
 
