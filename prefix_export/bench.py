@@ -523,7 +523,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                     floor_ms = floor_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
                     rows.append({"backend": name, "kind": kind, "precision": precision, "provider": provider,
                                  "batch": batch, "context": context, **timing,
-                                 "floor_ms": round(floor_ms, 3), "bytes_per_token": floor_bytes,
+                                 "floor_ms": round(floor_ms, 6), "bytes_per_token": floor_bytes,
                                  "x_floor": round(timing["decode_p50_ms"] / floor_ms, 3),
                                  "session_s": round(backend.session_s, 3), "build_s": round(build_s, 2)})
                     bar(f"{name} B={batch} C={context}")
