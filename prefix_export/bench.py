@@ -53,6 +53,7 @@ class BenchSettings:
     contexts: tuple[int, ...] = (32, 128, 512)
     new_tokens: int = 64
     warmup_tokens: int = 4
+    rounds: int = 3  # every backend on every config, in turn, this many times
     providers: tuple[str, ...] = ("cpu",)
     precisions: tuple[str, ...] = ("fp32",)
     optimize: bool = False
@@ -318,7 +319,7 @@ def time_generation(backend, input_ids: np.ndarray, new_tokens: int, warmup_toke
             "decode_p90_ms": round(float(np.percentile(steps_ms, 90)), 3) if len(steps_ms) else None,
             "decode_min_ms": round(float(steps_ms.min()), 3) if len(steps_ms) else None,
             "tokens_per_s": round(batch * 1e3 / p50, 2) if len(steps_ms) else None,
-            "tokens_row0": tokens}
+            "tokens_row0": tokens, "steps_ms": steps_ms.tolist()}
 
 
 # ---- building the variants -----------------------------------------------------------------------
@@ -445,7 +446,8 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         result["notes"].append("model/prefix unknown: eager and base backends skipped")
     n_configs = len(settings.batch_sizes) * len(settings.contexts)
     n_graph_variants = (1 + int(settings.optimize) + int("int8" in settings.precisions)) * (1 + int(settings.base))
-    bar = _Bar(3 + n_graph_variants + n_configs * (n_graph_variants * len(settings.providers) + int(settings.eager)),
+    bar = _Bar(3 + n_graph_variants + settings.rounds * n_configs * (n_graph_variants * len(settings.providers)
+                                                                     + int(settings.eager)),
                progress)
     try:
         bandwidth = measure_bandwidth(settings.bandwidth_mb, settings.bandwidth_passes, threads)
@@ -463,7 +465,8 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         workdir.mkdir(exist_ok=True)
         variants: list[Variant] = []
         if export_dir is None:
-            exported = export_prefix_model(base, checkpoint, workdir / "export", force=True, run_validation=False,
+            # The prefix by path (not the loaded checkpoint) so the export's report names it.
+            exported = export_prefix_model(base, prefix, workdir / "export", force=True, run_validation=False,
                                            progress=False)
             graph_file = exported.graph
             export_s = exported.report["timing_s"]["export"]
@@ -507,32 +510,62 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                 name = variant.name + ("" if provider == "cpu" else f" [{provider}]")
                 backends.append((name, variant.kind, variant.precision, provider, variant.graph, variant.weights_read,
                                  P if variant.kind == "export" else 0, variant.build_s))
-        for name, kind, precision, provider, graph, weights, prefix_len, build_s in backends:
-            gc.collect()
-            with PeakMemory() as memory:
-                backend = (EagerBackend(peft_model, threads) if graph is None
-                           else OrtBackend(graph, provider, threads))
-                for (batch, context), ids in prompts.items():
-                    if kv_spec.positions == "learned" and \
-                            context + settings.new_tokens + settings.warmup_tokens + P > kv_spec.max_positions:
-                        bar(f"{name} B={batch} C={context} skipped")
-                        continue
-                    timing = time_generation(backend, ids, settings.new_tokens, settings.warmup_tokens)
-                    mid = context + settings.new_tokens // 2  # the cache length at the median step
-                    floor_bytes = weights + kv_bytes(kv_spec, batch, prefix_len + mid)  # KV stays fp32
-                    floor_ms = floor_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
-                    rows.append({"backend": name, "kind": kind, "precision": precision, "provider": provider,
-                                 "batch": batch, "context": context, **timing,
-                                 "floor_ms": round(floor_ms, 6), "bytes_per_token": floor_bytes,
-                                 "x_floor": round(timing["decode_p50_ms"] / floor_ms, 3),
-                                 "session_s": round(backend.session_s, 3), "build_s": round(build_s, 2)})
+        configs = [(b, c) for (b, c) in prompts
+                   if kv_spec.positions != "learned"
+                   or c + settings.new_tokens + settings.warmup_tokens + P <= kv_spec.max_positions]
+        skipped = sorted(set(prompts) - set(configs))
+        if skipped:
+            result["notes"].append(f"configs {skipped} skipped: P + context + new tokens exceed the model's positions")
+        # Rounds: every backend in turn on every config, `rounds` times, so that load changes on a
+        # shared machine hit all backends alike; all sessions stay alive between rounds.
+        live, memory_mb, samples, session_s = {}, {}, {}, {}
+        for round_index in range(settings.rounds):
+            for name, kind, precision, provider, graph, weights, prefix_len, build_s in backends:
+                memory = None
+                if round_index == 0:
+                    gc.collect()
+                    memory = PeakMemory().__enter__()
+                    live[name] = (EagerBackend(peft_model, threads) if graph is None
+                                  else OrtBackend(graph, provider, threads))
+                    session_s[name] = live[name].session_s
+                backend = live[name]
+                for batch, context in configs:
+                    timing = time_generation(backend, prompts[(batch, context)], settings.new_tokens,
+                                             settings.warmup_tokens)
+                    entry = samples.setdefault((name, batch, context), {"prefill": [], "steps": [], "rounds": []})
+                    entry["prefill"].append(timing["prefill_ms"])
+                    entry["steps"].extend(timing["steps_ms"])
+                    entry["rounds"].append(timing["decode_p50_ms"])
+                    entry.setdefault("tokens_row0", timing["tokens_row0"])
                     bar(f"{name} B={batch} C={context}")
-                backend.close()
-                del backend
-            for row in rows:
-                if row["backend"] == name:
-                    row["peak_rss_mb"] = round(memory.peak_mb, 1)
-                    row["rss_growth_mb"] = round(memory.peak_mb - memory.start_mb, 1)
+                if memory is not None:
+                    memory.__exit__(None, None, None)
+                    memory_mb[name] = (memory.peak_mb, memory.peak_mb - memory.start_mb)
+        for backend in live.values():
+            backend.close()
+        live.clear()
+        gc.collect()
+        for name, kind, precision, provider, graph, weights, prefix_len, build_s in backends:
+            for batch, context in configs:
+                entry = samples[(name, batch, context)]
+                steps = np.array(entry["steps"])
+                p50 = float(np.median(steps))
+                mid = context + settings.new_tokens // 2  # the cache length at the median step
+                floor_bytes = weights + kv_bytes(kv_spec, batch, prefix_len + mid)  # KV stays fp32
+                floor_ms = floor_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
+                rows.append({"backend": name, "kind": kind, "precision": precision, "provider": provider,
+                             "batch": batch, "context": context,
+                             "prefill_ms": round(float(np.median(entry["prefill"])), 3),
+                             "decode_p50_ms": round(p50, 3), "decode_p90_ms": round(float(np.percentile(steps, 90)), 3),
+                             "decode_min_ms": round(float(steps.min()), 3),
+                             "decode_p50_per_round_ms": [round(x, 3) for x in entry["rounds"]],
+                             "tokens_per_s": round(batch * 1e3 / p50, 2), "tokens_row0": entry["tokens_row0"],
+                             "floor_ms": round(floor_ms, 6), "bytes_per_token": floor_bytes,
+                             "x_floor": round(p50 / floor_ms, 3),
+                             "session_s": round(session_s[name], 3),
+                             "build_s": round(build_s, 2),
+                             "peak_rss_mb": round(memory_mb[name][0], 1),
+                             "rss_growth_mb": round(memory_mb[name][1], 1)})
         result["rows"] = rows
         result["optimize_decision"] = _optimize_decision(rows, variants, settings)
         if settings.agreement_model is not None and "int8" in settings.precisions:
@@ -758,6 +791,7 @@ def format_table(result: dict) -> str:
                     f"(random prompts), greedy equal {a.get('greedy_equal')}/{a['prompts']}"
         lines.append(f"{variant['name']}: build {variant['build_s']:.1f}s, reads "
                      f"{variant['weights_read_per_token'] / 1e6:.1f} MB of weights per token{status}{extra}")
+    lines.extend(f"note: {note}" for note in result.get("notes", []))
     if result.get("optimize_decision"):
         d = result["optimize_decision"]
         lines.append(f"--optimize: fused graph {'KEPT' if d['kept'] else 'discarded'} ({d['why']})")

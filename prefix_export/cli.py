@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
     bench.add_argument("--contexts", default="32,128,512", help="prompt lengths, comma-separated (default 32,128,512)")
     bench.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per run (default 64)")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="measure every backend in turn this many times (default 3); medians over all rounds")
     bench.add_argument("--provider", action="append", help="cpu (default), cuda, ...; repeatable")
     bench.add_argument("--precision", action="append", choices=["fp32", "int8"],
                        help="fp32 (always measured) and/or int8 (dynamic quantization of the MatMuls); repeatable")
@@ -245,7 +247,7 @@ def cmd_bench(args) -> int:
     agreement = args.agreement_model or ("models/default" if Path("models/default/test_split.jsonl").is_file()
                                          else None)
     settings = BenchSettings(batch_sizes=ints(args.batch_sizes), contexts=ints(args.contexts),
-                             new_tokens=args.new_tokens, providers=tuple(args.provider or ["cpu"]),
+                             new_tokens=args.new_tokens, rounds=args.rounds, providers=tuple(args.provider or ["cpu"]),
                              precisions=tuple(dict.fromkeys(["fp32", *(args.precision or [])])),
                              optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
                              threads=args.threads, bandwidth_mb=args.bandwidth_mb,

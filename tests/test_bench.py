@@ -20,7 +20,7 @@ def bench_run(tmp_path_factory, gpt2_dir, gpt2_adapter):
     out = tmp_path_factory.mktemp("bench")
     code = cli.main(["bench", "-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out),
                      "--batch-sizes", "1,2", "--contexts", "4,8", "--new-tokens", "4", "--optimize",
-                     "--precision", "int8", "--threads", "1", "--bandwidth-mb", "16"])
+                     "--precision", "int8", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2"])
     assert code == 0
     return out, json.loads((out / bench.BENCH_JSON).read_text())
 
@@ -37,7 +37,7 @@ def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
         for key in ("prefill_ms", "decode_p50_ms", "decode_p90_ms", "tokens_per_s", "floor_ms", "x_floor"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["backend"], key, row[key])
         assert row["decode_p90_ms"] >= row["decode_p50_ms"]
-        assert len(row["tokens_row0"]) == 4
+        assert len(row["tokens_row0"]) == 4 and len(row["decode_p50_per_round_ms"]) == 2
         assert row["peak_rss_mb"] > 0
     assert result["bandwidth"]["gb_per_s"] > 0
     assert result["machine"]["cpu_count"] >= 1 and "onnxruntime" in result["versions"]
