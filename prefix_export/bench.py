@@ -657,30 +657,37 @@ def _int8_variants(variants, workdir: Path, bar) -> list[Variant]:
     return made
 
 
-def embedded_agreement(folder: Path, workdir: Path, prompts_n: int = 32, greedy_n: int = 8) -> dict:
-    """int8 vs fp32 on the embedded default model's task: top-1 agreement over its held-out prompts
-    (teacher-forced) and greedy outputs compared, stopping at eos."""
+def embedded_agreement(folder: Path, workdir: Path, prompts_n: int = 48, greedy_n: int = 16) -> dict:
+    """int8 vs fp32 on the embedded default model's task (`folder`: base/, prefix/, test_split.jsonl).
+
+    Top-1 agreement teacher-forced over every position of `prompt + reference target` for the first
+    `prompts_n` held-out records, and greedy outputs from the prompt alone (stopping at eos) for the
+    first `greedy_n`, compared exactly and against the reference text.
+    """
     from .api import export_prefix_model
+    from .generate import load_tokenizer
     from .optimize import agreement, quantize_int8
     from .runtime import OnnxDecoder, create_session
-    from .generate import load_tokenizer
 
-    exported = export_prefix_model(folder / "base", folder / "prefix", workdir / "embedded", force=True,
+    exported = export_prefix_model(str(folder / "base"), str(folder / "prefix"), workdir / "embedded", force=True,
                                    progress=False)
     int8 = workdir / "embedded-int8.onnx"
     quantize_int8(exported.graph, int8)
     tokenizer = load_tokenizer(folder / "base")
-    lines = [json.loads(line) for line in (folder / "test_split.jsonl").read_text().splitlines() if line.strip()]
-    prompts = [np.array(tokenizer(item["prompt"])["input_ids"], dtype=np.int64) for item in lines[:prompts_n]]
+    records = [json.loads(line) for line in (folder / "test_split.jsonl").read_text().splitlines() if line.strip()]
+    encode = lambda text: np.array(tokenizer(text)["input_ids"], dtype=np.int64)  # noqa: E731
     reference = OnnxDecoder(create_session(exported.graph, "cpu"))
     candidate = OnnxDecoder(create_session(int8, "cpu"))
-    result = agreement(reference, candidate, prompts)
-    greedy = agreement(reference, candidate, prompts[:greedy_n], greedy_tokens=24)
-    result["greedy_equal"] = greedy["greedy_equal"]
-    result["greedy_prompts"] = greedy_n
-    result["greedy_examples"] = [{"prompt": lines[i]["prompt"], "fp32": tokenizer.decode(g["reference"]),
-                                  "int8": tokenizer.decode(g["candidate"])} for i, g in enumerate(greedy["greedy"][:3])]
-    result["model"] = str(folder)
+    result = agreement(reference, candidate, [encode(r["prompt"] + r["target"]) for r in records[:prompts_n]])
+    greedy = agreement(reference, candidate, [encode(r["prompt"]) for r in records[:greedy_n]], greedy_tokens=32,
+                       eos_token_id=tokenizer.eos_token_id)
+    texts = [(tokenizer.decode(g["reference"], skip_special_tokens=True),
+              tokenizer.decode(g["candidate"], skip_special_tokens=True)) for g in greedy["greedy"]]
+    result.update({"model": str(folder), "greedy_prompts": len(texts), "greedy_equal": greedy["greedy_equal"],
+                   "fp32_exact_match": sum(f == r["target"] for (f, _), r in zip(texts, records)),
+                   "int8_exact_match": sum(i == r["target"] for (_, i), r in zip(texts, records)),
+                   "examples": [{"prompt": r["prompt"], "fp32": f, "int8": i}
+                                for (f, i), r in list(zip(texts, records))[:3]]})
     return result
 
 
@@ -800,9 +807,10 @@ def format_table(result: dict) -> str:
                                                                    result["eager_matches_export"].items()))
     embedded = result.get("int8_agreement_embedded")
     if embedded:
-        lines.append(f"int8 on {embedded['model']}: top-1 agreement {embedded['top1_agreement']:.3f} over "
-                     f"{embedded['positions']} positions, greedy equal {embedded['greedy_equal']}/"
-                     f"{embedded['greedy_prompts']}")
+        lines.append(f"int8 on {embedded['model']}: top-1 agreement with fp32 {embedded['top1_agreement']:.3f} "
+                     f"over {embedded['positions']} positions (prompt + reference); greedy outputs equal "
+                     f"{embedded['greedy_equal']}/{embedded['greedy_prompts']}; exact match with the reference "
+                     f"fp32 {embedded['fp32_exact_match']}, int8 {embedded['int8_exact_match']}")
     targets = result.get("targets") or {}
     if targets:
         config = targets["config"]

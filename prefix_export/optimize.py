@@ -258,7 +258,8 @@ def quantize_int8(source: Path, target: Path) -> dict:
     return info
 
 
-def agreement(reference, candidate, prompts: list[np.ndarray], greedy_tokens: int = 0) -> dict:
+def agreement(reference, candidate, prompts: list[np.ndarray], greedy_tokens: int = 0,
+              eos_token_id: int | None = None) -> dict:
     """How often `candidate` picks the same next token as `reference` (two OnnxDecoders).
 
     Teacher-forced over every position of every prompt (top-1 agreement), then, with
@@ -277,8 +278,8 @@ def agreement(reference, candidate, prompts: list[np.ndarray], greedy_tokens: in
         same += int((ref_logits[0].argmax(-1) == got_logits[0].argmax(-1)).sum())
         total += ids.shape[1]
         if greedy_tokens:
-            ref = greedy_generate(reference, ids, mask, greedy_tokens)[0]
-            got = greedy_generate(candidate, ids, mask, greedy_tokens)[0]
+            ref = greedy_generate(reference, ids, mask, greedy_tokens, eos_token_id)[0]
+            got = greedy_generate(candidate, ids, mask, greedy_tokens, eos_token_id)[0]
             n = min(len(ref), len(got))
             greedy.append({"prompt_length": int(ids.shape[1]), "equal": bool(len(ref) == len(got) and (ref == got).all()),
                            "matching": int((ref[:n] == got[:n]).sum()), "new_tokens": int(len(ref)),
