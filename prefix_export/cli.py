@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
     bench.add_argument("--contexts", default="32,128,512", help="prompt lengths, comma-separated (default 32,128,512)")
     bench.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per run (default 64)")
-    bench.add_argument("--rounds", type=int, default=3,
-                       help="measure every backend in turn this many times (default 3); medians over all rounds")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="measure every backend in turn this many times (default 2); medians over all rounds")
     bench.add_argument("--provider", action="append", help="cpu (default), cuda, ...; repeatable")
     bench.add_argument("--precision", action="append", choices=["fp32", "int8"],
                        help="fp32 (always measured) and/or int8 (dynamic quantization of the MatMuls); repeatable")
