@@ -786,6 +786,9 @@ def format_table(result: dict) -> str:
                      f"{r['decode_p50_ms']:>10.2f} {r['decode_p90_ms']:>7.2f} {r['tokens_per_s']:>7.1f} "
                      f"{r['floor_ms']:>8.2f} {r['x_floor']:>7.2f} {r['session_s']:>9.2f} {r['build_s']:>7.1f} "
                      f"{r.get('memory_mb', float('nan')):>7.0f}")
+    lines.append("decode p50/p90: ms per step over all rounds; floor: (weights read per step + KV cache) / read "
+                 "bandwidth; mem MB: RSS growth while the backend was created and first run (eager: + its weights), "
+                 "approximate: memory freed earlier in the process is reused without showing")
     machine, bandwidth = result.get("machine", {}), result.get("bandwidth", {})
     lines.append("")
     lines.append(f"machine: {machine.get('cpu', machine.get('machine'))}, {machine.get('cpu_count')} cores, "
