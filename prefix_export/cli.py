@@ -4,6 +4,7 @@
     prefix-export validate OUT_DIR
     prefix-export generate OUT_DIR --prompt "..."
     prefix-export inspect MODEL --prefix CKPT
+    prefix-export bench --model M --prefix P [--optimize] [--precision int8]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import warnings
 
 from .errors import PrefixExportError
 
-SUBCOMMANDS = ("export", "validate", "generate", "inspect")
+SUBCOMMANDS = ("export", "validate", "generate", "inspect", "bench")
 log = logging.getLogger("prefix_export")
 
 
@@ -129,6 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model")
     inspect.add_argument("--prefix", required=True)
     inspect.add_argument("--prefix-config")
+    bench = sub.add_parser("bench", help="measure PEFT eager vs the export vs the base-model export "
+                                         "(latency, memory, bandwidth floor); writes bench.json + bench.png")
+    bench.add_argument("export_dir", nargs="?", help="an export folder (else --model and --prefix)")
+    bench.add_argument("--model", help="base model (hub id or folder); the export is made and timed")
+    bench.add_argument("--prefix", help="PEFT prefix-tuning adapter folder")
+    bench.add_argument("--out", default="bench-out", help="folder for bench.json, bench.png and graphs/")
+    bench.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
+    bench.add_argument("--contexts", default="32,128,512", help="prompt lengths, comma-separated (default 32,128,512)")
+    bench.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per run (default 64)")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="measure every backend in turn this many times (default 2); medians over all rounds")
+    bench.add_argument("--provider", action="append", help="cpu (default), cuda, ...; repeatable")
+    bench.add_argument("--precision", action="append", choices=["fp32", "int8"],
+                       help="fp32 (always measured) and/or int8 (dynamic quantization of the MatMuls); repeatable")
+    bench.add_argument("--optimize", action="store_true",
+                       help="also measure a fused graph (attention, skip layer norm, gelu); kept if it validates "
+                            "and is faster")
+    bench.add_argument("--no-eager", action="store_true", help="skip the PEFT eager baseline")
+    bench.add_argument("--no-base", action="store_true", help="skip the base-model export (no prefix cost)")
+    bench.add_argument("--threads", type=int, help="intra-op threads for ORT and torch (default: all cores)")
+    bench.add_argument("--agreement-model", help="embedded-style model folder (base/, prefix/, test_split.jsonl) "
+                                                 "for the int8 agreement check (default models/default if present)")
+    bench.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer for the bandwidth measurement")
     return parser
 
 
@@ -259,6 +283,34 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import BenchSettings, format_table, run_bench
+    from .errors import InputError
+
+    def ints(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"expected comma-separated integers, got {text!r}") from None
+
+    agreement = args.agreement_model or ("models/default" if Path("models/default/test_split.jsonl").is_file()
+                                         else None)
+    settings = BenchSettings(batch_sizes=ints(args.batch_sizes), contexts=ints(args.contexts),
+                             new_tokens=args.new_tokens, rounds=args.rounds, providers=tuple(args.provider or ["cpu"]),
+                             precisions=tuple(dict.fromkeys(["fp32", *(args.precision or [])])),
+                             optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
+                             threads=args.threads, bandwidth_mb=args.bandwidth_mb,
+                             agreement_model=Path(agreement) if agreement else None)
+    result = run_bench(args.out, model=args.model, prefix=args.prefix, export_dir=args.export_dir,
+                       settings=settings, progress=not args.quiet and not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if not args.json:
+        print(f"\nwrote {result['files']['json']} and {result['files']['plot']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)  # as typed, for export_report.json (main(argv) is also called in-process)
@@ -280,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler = {"export": cmd_export, "validate": cmd_validate, "generate": cmd_generate,
-               "inspect": cmd_inspect}[args.command]
+               "inspect": cmd_inspect, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except PrefixExportError as exc:

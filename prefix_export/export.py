@@ -26,13 +26,19 @@ DEFAULT_OPSET = 18
 
 
 class PrefixFoldedDecoder(torch.nn.Module):
-    """Base causal LM + constant prefix KV, with the contract of `contract.py`."""
+    """Base causal LM + constant prefix KV, with the contract of `contract.py`.
 
-    def __init__(self, model: torch.nn.Module, prefix_kv: PrefixKV):
+    `prefix_kv=None` exports the base model alone through the same wrapper and contract (P = 0, no
+    prefix initializers): what `bench` compares against to show what the prefix costs.
+    """
+
+    def __init__(self, model: torch.nn.Module, prefix_kv: PrefixKV | None, num_layers: int | None = None):
         super().__init__()
         self.model = model
-        self.num_layers = prefix_kv.num_layers
-        self.num_virtual_tokens = prefix_kv.num_virtual_tokens
+        self.num_layers = prefix_kv.num_layers if prefix_kv is not None else num_layers
+        self.num_virtual_tokens = prefix_kv.num_virtual_tokens if prefix_kv is not None else 0
+        if prefix_kv is None:
+            return
         # One (1, H_kv, P, D) buffer per layer and kind; each becomes a named initializer of the
         # graph (contract.prefix_initializer_name), so validation and tools can find the prefix.
         for i in range(self.num_layers):
@@ -45,6 +51,8 @@ class PrefixFoldedDecoder(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
         batch = input_ids.shape[0]
         P = self.num_virtual_tokens
+        if P == 0:
+            return self._forward_base(input_ids, attention_mask, position_ids, past_key_values)
         layers = []
         for i in range(self.num_layers):
             # (1, H_kv, P, D) -> (B, H_kv, P, D), then prepend to the user's past (B, H_kv, past, D)
@@ -61,6 +69,17 @@ class PrefixFoldedDecoder(torch.nn.Module):
         presents = []
         for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
             presents += [key[:, :, P:], value[:, :, P:]]  # drop the prefix: (B, H_kv, past + seq, D)
+        return (out.logits, *presents)
+
+    def _forward_base(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+        """No prefix: the plain decoder, same contract (the past is (B, H_kv, past, D) as given)."""
+        layers = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
+        cache = architectures.make_cache(layers, self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, return_dict=True, **architectures.cache_kwargs(self.model, cache))
+        presents = []
+        for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
+            presents += [key, value]
         return (out.logits, *presents)
 
 
@@ -101,19 +120,23 @@ class CacheContractDecoder(torch.nn.Module):
 LAYOUTS = ("folded", "cache")
 
 
-def export_decoder(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectures.ArchSpec, path: Path,
+def export_decoder(model: torch.nn.Module, prefix_kv: PrefixKV | None, spec: architectures.ArchSpec, path: Path,
                    opset: int = DEFAULT_OPSET, layout: str = "folded") -> None:
-    """Export the decoder of `layout` ("folded": prefix inside; "cache": plain base model) to `path`."""
+    """Export the decoder of `layout` ("folded": prefix inside; "cache": plain base model) to `path`.
+
+    `prefix_kv=None` with the folded layout exports the base model alone, same contract, no prefix.
+    """
     if layout == "folded":
-        wrapper = PrefixFoldedDecoder(model, prefix_kv).eval()
+        wrapper = PrefixFoldedDecoder(model, prefix_kv, spec.num_layers).eval()
     elif layout == "cache":
         wrapper = CacheContractDecoder(model, spec.num_layers).eval()
     else:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-    _export(wrapper, spec, prefix_kv.tensor.dtype, path, opset)
+    dtype = prefix_kv.tensor.dtype if prefix_kv is not None else next(model.parameters()).dtype
+    _export(wrapper, spec, dtype, path, opset)
 
 
-def export_folded(model: torch.nn.Module, prefix_kv: PrefixKV, spec: architectures.ArchSpec, path: Path,
+def export_folded(model: torch.nn.Module, prefix_kv: PrefixKV | None, spec: architectures.ArchSpec, path: Path,
                   opset: int = DEFAULT_OPSET) -> None:
     """Export the folded decoder to `path` (a single file; graph.py post-processes it)."""
     export_decoder(model, prefix_kv, spec, path, opset, "folded")

@@ -1,0 +1,126 @@
+"""`prefix-export bench` on a tiny GPT-2: the JSON, the table and the plot are written and sane.
+
+No timing assertions (the machine is shared); what is checked is structure, the validations the bench
+runs on each graph it builds, the fusion counts, int8 agreement and that the eager baseline really
+applies the prefix (its greedy tokens equal the validated export's).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from prefix_export import bench, cli
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, gpt2_dir, gpt2_adapter):
+    out = tmp_path_factory.mktemp("bench")
+    code = cli.main(["bench", "-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out),
+                     "--batch-sizes", "1,2", "--contexts", "4,8", "--new-tokens", "4", "--optimize",
+                     "--precision", "int8", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2"])
+    assert code == 0
+    return out, json.loads((out / bench.BENCH_JSON).read_text())
+
+
+def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
+    _, result = bench_run
+    backends = {row["backend"] for row in result["rows"]}
+    assert backends == {"eager (PEFT, PyTorch)", "export fp32", "base fp32", "export fp32+fused", "base fp32+fused",
+                        "export int8", "base int8"}
+    for name in backends:
+        configs = sorted((r["batch"], r["context"]) for r in result["rows"] if r["backend"] == name)
+        assert configs == [(1, 4), (1, 8), (2, 4), (2, 8)], name
+    for row in result["rows"]:
+        for key in ("prefill_ms", "decode_p50_ms", "decode_p90_ms", "tokens_per_s", "floor_ms", "x_floor"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["backend"], key, row[key])
+        assert row["decode_p90_ms"] >= row["decode_p50_ms"]
+        assert len(row["tokens_row0"]) == 4 and len(row["decode_p50_per_round_ms"]) == 2
+        assert row["peak_rss_mb"] > 0
+    assert result["bandwidth"]["gb_per_s"] > 0
+    assert result["machine"]["cpu_count"] >= 1 and "onnxruntime" in result["versions"]
+
+
+def test_bench_floor_counts_weights_and_the_kv_cache(bench_run):
+    _, result = bench_run
+    rows = [r for r in result["rows"] if r["backend"] == "export fp32"]
+    small, large = (next(r for r in rows if (r["batch"], r["context"]) == c) for c in ((1, 4), (2, 8)))
+    # Tiny GPT-2: 2 layers, 4 heads of 8, P = 4; at the median step the cache holds P + C + 2 positions.
+    weights = next(v["weights_read_per_token"] for v in result["variants"] if v["name"] == "export fp32")
+    assert small["bytes_per_token"] == weights + 2 * 2 * 1 * 4 * (4 + 4 + 2) * 8 * 4
+    assert large["bytes_per_token"] == weights + 2 * 2 * 2 * 4 * (4 + 8 + 2) * 8 * 4
+    assert small["floor_ms"] == pytest.approx(small["bytes_per_token"] / (result["bandwidth"]["gb_per_s"] * 1e9) * 1e3,
+                                              rel=1e-2)
+
+
+def test_bench_validates_what_it_measures(bench_run):
+    _, result = bench_run
+    variants = {v["name"]: v for v in result["variants"]}
+    assert variants["export fp32"]["validation"]["passed"]
+    assert variants["base fp32"]["validation"]["passed"]  # base export vs the base model's forward
+    fused = variants["export fp32+fused"]
+    assert fused["validation"]["passed"]
+    expected = fused["fusion"]["expected"]
+    assert expected["attention"] == {"matched": 2, "expected": 2}
+    assert expected["gelu"] == {"matched": 2, "expected": 2}
+    assert expected["layernorm"]["matched"] == expected["layernorm"]["expected"] == 5
+    assert fused["fusion"]["missing"] == []
+    assert fused["fusion"]["nodes_after"] < fused["fusion"]["nodes_before"]
+    int8 = variants["export int8"]
+    assert int8["quantized"] == int8["matmuls"] > 0
+    assert int8["weight_bytes_after"] < int8["weight_bytes_before"]
+    assert 0.5 <= int8["agreement_random_prompts"]["top1_agreement"] <= 1.0
+    # The eager baseline applies the prefix: its greedy tokens are the validated export's.
+    assert all(v.startswith("4/4") for v in result["eager_matches_export"].values()), result["eager_matches_export"]
+    assert result["optimize_decision"]["kept"] in (True, False)
+    assert set(result["targets"]) >= {"export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32"}
+
+
+def test_bench_plot_and_table(bench_run):
+    import matplotlib.image
+
+    out, result = bench_run
+    png = out / bench.BENCH_PNG
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(str(png))
+    assert image.shape[0] > 200 and image.shape[1] > 400
+    table = bench.format_table(result)
+    assert "eager (PEFT, PyTorch)" in table and "x floor" in table and "targets (B=1, ctx=8" in table
+
+
+def test_bandwidth_is_positive_and_documented():
+    measured = bench.measure_bandwidth(size_mb=8, passes=2, threads=2)
+    assert measured["gb_per_s"] > 0 and len(measured["passes_gb_per_s"]) == 3
+    assert "np.dot" in measured["method"]
+
+
+def test_bench_rejects_missing_inputs(tmp_path, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 2
+    assert "needs --model and --prefix" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", "x", "--prefix", "y", "--contexts", "a,b", "--out", str(tmp_path)]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_agreement_counts_top1_positions():
+    from prefix_export.optimize import agreement
+
+    class Fixed:
+        """A stand-in decoder whose next token is (token + shift) % V."""
+
+        def __init__(self, shift):
+            self.shift = shift
+
+        def empty_past(self, batch):
+            return []
+
+        def run(self, ids, mask, positions, past):
+            logits = np.zeros((*ids.shape, 16), np.float32)
+            np.put_along_axis(logits, ((ids + self.shift) % 16)[..., None], 1.0, axis=-1)
+            return logits, []
+
+    prompts = [np.arange(5), np.arange(3)]
+    assert agreement(Fixed(1), Fixed(1), prompts)["top1_agreement"] == 1.0
+    assert agreement(Fixed(1), Fixed(2), prompts)["top1_agreement"] == 0.0
+    assert agreement(Fixed(1), Fixed(1), prompts)["positions"] == 8
