@@ -80,8 +80,9 @@ def auto_model_class(spec: architectures.ArchSpec):
     return AutoModelForSeq2SeqLM if spec.is_seq2seq else AutoModelForCausalLM
 
 
-def load_base_model(source: str, dtype: str | None = None) -> BaseModel:
+def load_base_model(source: str | Path, dtype: str | None = None) -> BaseModel:
     """Load a causal or seq2seq LM for export; the registry is consulted before any weights are read."""
+    source = str(source)  # a Path is fine too; the report records it as text
     config = load_config(source)
     spec = architectures.describe(config)
     kwargs = {}

@@ -81,7 +81,7 @@ def build_config(graph_file: Path, name: str) -> str:
         f'name: "{name}"\n'
         f'backend: "onnxruntime"\n'
         f"max_batch_size: 0\n"
-        f"input [\n" + ",\n".join(_tensor_entries(inputs)) + "\n]\n"
+        "input [\n" + ",\n".join(_tensor_entries(inputs)) + "\n]\n"
         f"output [\n" + ",\n".join(_tensor_entries(model.graph.output)) + "\n]\n"
         f"optimization {{\n  execution_accelerators {{\n    gpu_execution_accelerator: [\n      {{\n"
         f'        name: "tensorrt"\n{accelerator}\n      }}\n    ]\n  }}\n}}\n'
