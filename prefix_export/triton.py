@@ -80,9 +80,9 @@ def build_config(graph_file: Path, name: str) -> str:
         f"# Triton model configuration written by prefix-export: one decoder step, the client keeps the cache.\n"
         f'name: "{name}"\n'
         f'backend: "onnxruntime"\n'
-        f"max_batch_size: 0\n"
+        "max_batch_size: 0\n"
         "input [\n" + ",\n".join(_tensor_entries(inputs)) + "\n]\n"
-        f"output [\n" + ",\n".join(_tensor_entries(model.graph.output)) + "\n]\n"
+        "output [\n" + ",\n".join(_tensor_entries(model.graph.output)) + "\n]\n"
         f"optimization {{\n  execution_accelerators {{\n    gpu_execution_accelerator: [\n      {{\n"
         f'        name: "tensorrt"\n{accelerator}\n      }}\n    ]\n  }}\n}}\n'
     )
