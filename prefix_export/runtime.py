@@ -120,6 +120,15 @@ def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
+def pick_greedy(logits: np.ndarray, finished: np.ndarray, eos_token_id: int | None) -> np.ndarray:
+    """Argmax of the last position (B,); rows already finished keep emitting eos. Updates `finished`."""
+    next_tokens = logits[:, -1, :].argmax(-1).astype(np.int64)
+    if eos_token_id is not None:
+        next_tokens = np.where(finished, eos_token_id, next_tokens)
+        finished |= next_tokens == eos_token_id
+    return next_tokens
+
+
 def greedy_generate(decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray,
                     max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
     """Greedy decoding with the KV cache; returns the new tokens (B, <= max_new_tokens)."""
@@ -132,10 +141,7 @@ def greedy_generate(decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask:
     finished = np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
         logits, past = decoder.run(tokens, mask, positions, past)
-        next_tokens = logits[:, -1, :].argmax(-1).astype(np.int64)
-        if eos_token_id is not None:
-            next_tokens = np.where(finished, eos_token_id, next_tokens)
-            finished |= next_tokens == eos_token_id
+        next_tokens = pick_greedy(logits, finished, eos_token_id)
         generated.append(next_tokens)
         if finished.all():
             break

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import seq2seq_contract as contract
 from .errors import RuntimeSetupError
-from .runtime import _ORT_TO_NUMPY, create_session
+from .runtime import _ORT_TO_NUMPY, create_session, pick_greedy
 
 
 def is_seq2seq_folder(folder: str | Path) -> bool:
@@ -90,10 +90,7 @@ def greedy_generate_seq2seq(model: OnnxSeq2Seq, input_ids: np.ndarray, attention
     for _ in range(max_new_tokens):
         logits, past = model.decode(tokens, attention_mask, hidden, past)
         hidden = model.no_new_encoder_states(batch)  # cross K/V are in `past` from now on
-        next_tokens = logits[:, -1, :].argmax(-1).astype(np.int64)
-        if eos_token_id is not None:
-            next_tokens = np.where(finished, eos_token_id, next_tokens)
-            finished |= next_tokens == eos_token_id
+        next_tokens = pick_greedy(logits, finished, eos_token_id)
         generated.append(next_tokens)
         if finished.all():
             break

@@ -178,16 +178,21 @@ def reference_greedy(peft_model, prompt: np.ndarray, max_new_tokens: int) -> np.
 # ---- the checks ----------------------------------------------------------------------------------
 
 
-def make_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 0, pad_token_id: int = 0):
-    """Random prompts, left-padded into one batch: ids (B, S_max), mask (B, S_max), the raw prompts."""
+def make_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 0, pad_token_id: int = 0,
+                 side: str = "left", lowest_token_id: int = 0):
+    """Random prompts padded into one batch: ids (B, S_max), mask (B, S_max), the raw prompts.
+
+    Decoders are padded on the left (every row's last token at the end); encoders on the right.
+    """
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, vocab_size, size=n, dtype=np.int64) for n in lengths]
+    prompts = [rng.integers(lowest_token_id, vocab_size, size=n, dtype=np.int64) for n in lengths]
     width = max(lengths)
     ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(lengths), width), dtype=np.int64)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        columns = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+        ids[row, columns] = prompt
+        mask[row, columns] = 1
     return ids, mask, prompts
 
 

@@ -23,7 +23,7 @@ import torch
 from . import architectures
 from . import seq2seq_contract as contract
 from .runtime_seq2seq import OnnxSeq2Seq, greedy_generate_seq2seq
-from .validate import PREFIX_ATOL, Tolerances, ValidationReport, compare
+from .validate import PREFIX_ATOL, Tolerances, ValidationReport, compare, make_prompts
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +67,6 @@ def reference_greedy(peft_model, prompt: np.ndarray, decoder_start_token_id: int
 
 
 # ---- the checks ----------------------------------------------------------------------------------
-
-
-def make_encoder_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 0, pad_token_id: int = 0):
-    """Random prompts, right-padded into one batch (the seq2seq convention): ids, mask (B, S_max), prompts."""
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, vocab_size, size=n, dtype=np.int64) for n in lengths]
-    width = max(lengths)
-    ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(lengths), width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, :len(prompt)] = prompt
-        mask[row, :len(prompt)] = 1
-    return ids, mask, prompts
 
 
 def check_folded_prefix(report: ValidationReport, decoder_graph, peft_model, num_layers: int,
@@ -190,7 +177,8 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
         check_folded_prefix(report, decoder_graph, peft_model, spec.num_layers, tolerances)
 
     # 1. encoder: right-padded batch; only real positions are compared.
-    ids, mask, prompts = make_encoder_prompts(vocab, prompt_lengths, seed)
+    # Right-padded (the seq2seq convention); ids from 3 up, clear of bart/t5's special tokens.
+    ids, mask, prompts = make_prompts(vocab, prompt_lengths, seed, side="right", lowest_token_id=3)
     batch = ids.shape[0]
     if model.encoder_output_names != contract.encoder_output_names():
         report.problems.append(f"encoder: output names {model.encoder_output_names} differ from the contract "
