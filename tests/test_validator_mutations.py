@@ -26,7 +26,7 @@ class Mutant(export.PrefixFoldedDecoder):
 
     mutation = "none"
 
-    def __init__(self, model, prefix_kv):
+    def __init__(self, model, prefix_kv, num_layers=None):
         tensor = prefix_kv.tensor.clone()  # (L, 2, H_kv, P, D)
         if self.mutation == "truncate_prefix":
             tensor = tensor[:, :, :, 1:]  # one virtual token lost
@@ -34,7 +34,7 @@ class Mutant(export.PrefixFoldedDecoder):
             tensor = tensor[[1, 0]]
         elif self.mutation == "perturb_1e-3":
             tensor[1, 0, 2, 3, 5] += 1e-3  # layer 1 key, head 2, token 3, dim 5
-        super().__init__(model, PrefixKV(tensor.contiguous()))
+        super().__init__(model, PrefixKV(tensor.contiguous()), num_layers)
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         batch = input_ids.shape[0]
