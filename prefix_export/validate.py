@@ -100,6 +100,19 @@ class ValidationReport:
     def __bool__(self) -> bool:
         return self.passed
 
+    def record_greedy(self, index: int, prompt_length: int, expected: np.ndarray, got: np.ndarray) -> None:
+        """Token-for-token comparison of one greedy run (T,), and a problem at the first mismatch."""
+        equal = got == expected if len(got) == len(expected) else np.zeros(len(expected), dtype=bool)
+        matching = int(equal.sum())
+        first_diff = None if equal.all() else int(np.argmin(equal))
+        self.greedy.append({"prompt": index, "prompt_length": int(prompt_length), "new_tokens": len(expected),
+                            "matching": matching, "first_mismatch": first_diff,
+                            "reference": expected.tolist(), "onnx": got.tolist()})
+        if first_diff is not None:
+            got_token = got[first_diff] if first_diff < len(got) else "nothing"
+            self.problems.append(f"greedy prompt {index}: tokens differ from step {first_diff} on "
+                                 f"(onnx {got_token} vs PEFT {expected[first_diff]})")
+
     def failures(self) -> list[str]:
         return self.problems + [c.line() for c in self.comparisons if not c]
 
@@ -370,13 +383,5 @@ def _run_checks(report, decoder, peft_model, vocab_size, tolerances, prompt_leng
         decoder.stage = f"greedy[{index}]"
         expected = reference_greedy(peft_model, prompt, greedy_tokens)
         got = greedy_generate(decoder, prompt[None, :], np.ones((1, len(prompt)), np.int64), greedy_tokens)[0]
-        equal = got == expected
-        matching = int(equal.sum()) if len(got) == len(expected) else 0
-        first_diff = None if equal.all() else int(np.argmin(equal))
-        report.greedy.append({"prompt": index, "prompt_length": int(len(prompt)), "new_tokens": greedy_tokens,
-                              "matching": matching, "first_mismatch": first_diff,
-                              "reference": expected.tolist(), "onnx": got.tolist()})
-        if first_diff is not None:
-            report.problems.append(f"greedy prompt {index}: tokens differ from step {first_diff} on "
-                                   f"(onnx {got[first_diff]} vs PEFT {expected[first_diff]})")
+        report.record_greedy(index, len(prompt), expected, got)
         tick(f"greedy[{index}]")

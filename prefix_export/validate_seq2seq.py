@@ -218,14 +218,6 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
         expected = reference_greedy(peft_model, prompt, start, greedy_tokens)
         got = greedy_generate_seq2seq(model, prompt[None, :], np.ones((1, len(prompt)), np.int64), start,
                                       greedy_tokens)[0]
-        equal = got == expected
-        matching = int(equal.sum()) if len(got) == len(expected) else 0
-        first_diff = None if equal.all() else int(np.argmin(equal))
-        report.greedy.append({"prompt": index, "prompt_length": int(len(prompt)), "new_tokens": greedy_tokens,
-                              "matching": matching, "first_mismatch": first_diff,
-                              "reference": expected.tolist(), "onnx": got.tolist()})
-        if first_diff is not None:
-            report.problems.append(f"greedy prompt {index}: tokens differ from step {first_diff} on "
-                                   f"(onnx {got[first_diff]} vs PEFT {expected[first_diff]})")
+        report.record_greedy(index, len(prompt), expected, got)
         tick(f"greedy[{index}]")
     return report
