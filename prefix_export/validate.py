@@ -217,13 +217,19 @@ def _check_outputs(report: ValidationReport, check: str, decoder: OnnxDecoder, l
         report.problems.append(f"{check}: output names {decoder.output_names} differ from the contract "
                                f"{expected_names}")
         return False
-    ok = True
     want = {contract.LOGITS: (batch, seq, vocab)}
     want.update({name: (batch, decoder.num_kv_heads, total, decoder.head_dim)
                  for name in contract.present_names(decoder.num_layers)})
-    for name, array in zip(expected_names, [logits, *presents]):
-        if tuple(array.shape) != want[name]:
-            report.problems.append(f"{check}: {name} has shape {tuple(array.shape)}, expected {want[name]}")
+    return check_shapes_and_finite(report, check, expected_names, [logits, *presents], want)
+
+
+def check_shapes_and_finite(report: ValidationReport, check: str, names: list[str], arrays: list[np.ndarray],
+                            expected: dict[str, tuple]) -> bool:
+    """Each array's shape, then its finiteness; records problems, returns False if any."""
+    ok = True
+    for name, array in zip(names, arrays):
+        if tuple(array.shape) != expected[name]:
+            report.problems.append(f"{check}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
             ok = False
         elif not np.isfinite(array).all():
             report.problems.append(f"{check}: {name} holds {int((~np.isfinite(array)).sum())} NaN/Inf values")

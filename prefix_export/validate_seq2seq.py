@@ -23,7 +23,7 @@ import torch
 from . import architectures
 from . import seq2seq_contract as contract
 from .runtime_seq2seq import OnnxSeq2Seq, greedy_generate_seq2seq
-from .validate import PREFIX_ATOL, Tolerances, ValidationReport, compare, make_prompts
+from .validate import PREFIX_ATOL, Tolerances, ValidationReport, check_shapes_and_finite, compare, make_prompts
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +103,6 @@ def check_folded_prefix(report: ValidationReport, decoder_graph, peft_model, num
             report.comparisons.append(compare("prefix", label, found[name], reference.float().numpy(), atol))
 
 
-def _check_shapes(report: ValidationReport, check: str, names: list[str], arrays: list[np.ndarray],
-                  expected: dict[str, tuple]) -> bool:
-    ok = True
-    for name, array in zip(names, arrays):
-        if tuple(array.shape) != expected[name]:
-            report.problems.append(f"{check}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
-            ok = False
-        elif not np.isfinite(array).all():
-            report.problems.append(f"{check}: {name} holds {int((~np.isfinite(array)).sum())} NaN/Inf values")
-            ok = False
-    return ok
-
-
 def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, presents, ref_logits, ref_presents,
                         encoder_mask: np.ndarray, vocab: int) -> bool:
     """Names, shapes, finiteness, then values; logits compared at the last len(logits) positions."""
@@ -131,7 +118,7 @@ def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, p
     shapes.update({n: (batch, model.num_heads, total, model.head_dim) for n in contract.present_names(L, "decoder")})
     shapes.update({n: (batch, model.num_heads, encoder_length, model.head_dim)
                    for n in contract.present_names(L, "encoder")})
-    if not _check_shapes(report, check, expected_names, [logits, *presents], shapes):
+    if not check_shapes_and_finite(report, check, expected_names, [logits, *presents], shapes):
         return False
     report.comparisons.append(compare(check, contract.LOGITS, logits, ref_logits[:, -seq:],
                                       tolerances.for_output(contract.LOGITS)))
@@ -189,7 +176,7 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
     decoder_ids = np.concatenate([np.full((batch, 1), start, np.int64),
                                   rng.integers(3, vocab, size=(batch, first_step_tokens - 1), dtype=np.int64)], axis=1)
     ref_logits, ref_hidden, ref_presents = _reference_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
-    if _check_shapes(report, "encoder", [contract.LAST_HIDDEN_STATE], [hidden],
+    if check_shapes_and_finite(report, "encoder", [contract.LAST_HIDDEN_STATE], [hidden],
                      {contract.LAST_HIDDEN_STATE: ref_hidden.shape}):
         report.comparisons.append(compare("encoder", contract.LAST_HIDDEN_STATE, hidden, ref_hidden,
                                           tolerances.for_output(contract.LAST_HIDDEN_STATE),
