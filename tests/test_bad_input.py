@@ -8,14 +8,10 @@ import pickle
 import pytest
 import torch
 
-from prefix_export.cli import main
+from tests_helpers import export_args, run_cli
 from tiny_models import make_prefix, save_tiny_model, tiny_config
 
 
-def run_cli(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 def assert_nothing_written(out_parent):
@@ -30,8 +26,6 @@ def out(tmp_path):
     return parent
 
 
-def export_args(model, prefix, out, *extra):
-    return ["--model", str(model), "--prefix", str(prefix), "--out", str(out / "export"), "-q", *extra]
 
 
 def _adapter_config(folder, **fields):

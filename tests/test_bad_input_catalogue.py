@@ -20,13 +20,10 @@ import pytest
 import torch
 
 from prefix_export.cli import main
+from tests_helpers import export_args, run_cli
 from tiny_models import make_prefix, save_tiny_model, tiny_config
 
 
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 def listing(folder: Path) -> list[str]:
@@ -40,8 +37,6 @@ def out(tmp_path):
     return parent
 
 
-def export_args(model, prefix, out, *extra):
-    return ["--model", model, "--prefix", prefix, "--out", out / "export", "-q", *extra]
 
 
 def assert_refused(code, text, out, *patterns):

@@ -8,8 +8,9 @@ import logging
 
 import pytest
 
+from tests_helpers import run_cli
+
 from prefix_export import contract, providers
-from prefix_export.cli import main
 from prefix_export.errors import InputError, RuntimeSetupError
 from prefix_export.sessions import SessionSettings, build_provider_options, open_session, read_facts
 
@@ -119,10 +120,6 @@ def test_missing_provider_is_an_error_unless_fallback_asked(exported, caplog):
 # ---- bad input through the CLI: exit 2 and a message -------------------------------------------
 
 
-def run_cli(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 def test_generate_on_a_folder_that_is_not_an_export(tmp_path, capsys):

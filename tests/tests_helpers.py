@@ -25,3 +25,17 @@ def load_raw_encoder_into(base, state_path: Path):
         state = torch.load(state_path, weights_only=True)
     model.prompt_encoder["default"].load_state_dict(state, strict=True)
     return model.eval()
+
+
+def run_cli(args, capsys):
+    """Run the CLI in-process: (exit code, stderr + stdout). Paths may be given as Path objects."""
+    from prefix_export.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def export_args(model, prefix, out, *extra):
+    """CLI arguments exporting `model` + `prefix` to `out/export`, quietly."""
+    return ["--model", model, "--prefix", prefix, "--out", out / "export", "-q", *extra]
