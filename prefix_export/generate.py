@@ -17,6 +17,7 @@ import numpy as np
 from .decoding import Engine, GenerationConfig, Step, load_prefix_file
 from .errors import InputError
 from .providers import TENSORRT
+from .runtime import pad_batch
 from .sessions import SessionSettings, open_session, read_facts
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,7 @@ def load_tokenizer(folder: Path):
 
 def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, S_max) ids and mask, padded on the left so every row's last token is at the end."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_token_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return ids, mask
+    return pad_batch(rows, pad_token_id, "left")
 
 
 def parse_token_ids(values: list[str]) -> list[list[int]]:

@@ -115,6 +115,19 @@ class CacheLayoutDecoder:
         return logits, [present[:, :, P:] for present in presents]
 
 
+def pad_batch(rows, pad_token_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> (B, S_max) int64 ids and mask. Left padding puts every row's last token at the
+    end (decoders); right padding keeps every row's first token first (encoders)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_token_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, columns] = row
+        mask[i, columns] = 1
+    return ids, mask
+
+
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Left-padding-aware positions, 0 for the first real token: cumsum(mask) - 1, clipped at 0."""
     return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)

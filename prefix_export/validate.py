@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import contract
-from .runtime import OnnxDecoder, greedy_generate, positions_from_mask
+from .runtime import OnnxDecoder, greedy_generate, pad_batch, positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +199,7 @@ def make_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 0, pad_t
     """
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(lowest_token_id, vocab_size, size=n, dtype=np.int64) for n in lengths]
-    width = max(lengths)
-    ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(lengths), width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        columns = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
-        ids[row, columns] = prompt
-        mask[row, columns] = 1
+    ids, mask = pad_batch(prompts, pad_token_id, side)
     return ids, mask, prompts
 
 
