@@ -59,6 +59,7 @@ class BenchSettings:
     optimize: bool = False
     eager: bool = True
     base: bool = True
+    cache_layout: bool = True  # also run the base graph with the prefix as its first past (`--layout cache`)
     threads: int | None = None  # ORT intra-op and torch threads; default: all cores
     bandwidth_mb: int = 1024
     bandwidth_passes: int = 5
@@ -120,6 +121,38 @@ def measure_bandwidth(size_mb: int = 1024, passes: int = 5, threads: int | None 
             "buffer_mb": size_mb, "threads": threads,
             "method": "best pass of np.dot(s, s) over a float32 buffer, one slice per core in threads "
                       "(and one whole-buffer np.dot); bytes read / wall time"}
+
+
+def measure_gpu_bandwidth(size_mb: int = 1024, passes: int = 10) -> dict | None:
+    """The GPU's memory bandwidth through PyTorch, or None without a CUDA device.
+
+    Method: device-to-device copies of a `size_mb` float32 buffer, timed with CUDA events after a
+    warm-up; bytes read + bytes written per copy / time, the best pass quoted. A decode step mostly
+    reads, so this is the ceiling its floor is computed with (the same way as on the CPU).
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    source = torch.rand(size_mb * 1024**2 // 4, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    results = []
+    for _ in range(passes):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        results.append(2 * source.nbytes / (start.elapsed_time(end) * 1e-3) / 1e9)
+    name = torch.cuda.get_device_name(0)
+    del source, target
+    torch.cuda.empty_cache()
+    return {"gb_per_s": round(max(results), 1), "passes_gb_per_s": [round(r, 1) for r in results],
+            "buffer_mb": size_mb, "device": name,
+            "method": "best of device-to-device copies (torch, CUDA events); bytes read + written / time"}
 
 
 def weights_read_per_token(graph: Path) -> int:
@@ -188,11 +221,16 @@ class PeakMemory:
 
 
 class OrtBackend:
-    """A lean greedy loop on one session: IO binding, presents fed back as OrtValues."""
+    """A lean greedy loop on one session: IO binding, presents fed back as OrtValues.
 
-    def __init__(self, graph: Path, provider: str, threads: int):
+    With `prefix` (L, 2, H_kv, P, D), the graph is the cache layout's plain decoder and the prefix
+    is its first past: P ones lead the mask and positions start at P, as `CacheLayoutDecoder` does.
+    """
+
+    def __init__(self, graph: Path, provider: str, threads: int, prefix: np.ndarray | None = None):
         import onnxruntime as ort
 
+        from .providers import device_of
         from .runtime import resolve_provider
 
         options = ort.SessionOptions()
@@ -207,6 +245,9 @@ class OrtBackend:
         start = time.perf_counter()
         self.session = ort.InferenceSession(str(graph), options, providers=providers)
         self.session_s = time.perf_counter() - start
+        # On a GPU the presents stay in device memory and are fed back as they are; only the logits
+        # (B, T, V) come back to the host, for the argmax.
+        self.device = device_of(self.session.get_providers()[0])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         first = inputs[self.past_names[0]]
@@ -214,7 +255,11 @@ class OrtBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.binding = self.session.io_binding()
         self.presents = []
-        self.total = 0
+        self.total = 0  # positions in the cache after the current step, prefix included
+        # One (1, H_kv, P, D) array per past input, in input order (layer 0 key, layer 0 value, ...).
+        self.prefix = None if prefix is None else [np.ascontiguousarray(prefix[i, j][None], dtype=np.float32)
+                                                   for i in range(prefix.shape[0]) for j in (0, 1)]
+        self.num_virtual_tokens = 0 if prefix is None else int(prefix.shape[3])
 
     def _run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         binding = self.binding
@@ -222,8 +267,9 @@ class OrtBackend:
         binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(contract.ATTENTION_MASK, np.ones((batch, self.total), np.int64))
         binding.bind_cpu_input(contract.POSITION_IDS, positions)
-        for name in self.output_names:
-            binding.bind_output(name)
+        binding.bind_output(self.output_names[0])
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.presents = outputs[1:]
@@ -232,11 +278,16 @@ class OrtBackend:
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         batch, seq = input_ids.shape
         H, D = self.kv_shape
-        empty = np.zeros((batch, H, 0, D), np.float32)
-        for name in self.past_names:
-            self.binding.bind_cpu_input(name, empty)
-        self.total = seq
-        return self._run(input_ids, np.tile(np.arange(seq, dtype=np.int64), (batch, 1)))
+        P = self.num_virtual_tokens
+        if self.prefix is None:
+            empty = np.zeros((batch, H, 0, D), np.float32)
+            for name in self.past_names:
+                self.binding.bind_cpu_input(name, empty)
+        else:
+            for name, prefix in zip(self.past_names, self.prefix):  # (B, H_kv, P, D) per input
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(np.broadcast_to(prefix, (batch, H, P, D))))
+        self.total = P + seq
+        return self._run(input_ids, np.tile(np.arange(P, P + seq, dtype=np.int64), (batch, 1)))
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         for name, value in zip(self.past_names, self.presents):
@@ -253,10 +304,15 @@ class OrtBackend:
 class EagerBackend:
     """PEFT in PyTorch with a KV cache (see the module docstring for exactly what runs)."""
 
-    def __init__(self, peft_model, threads: int):
+    def __init__(self, peft_model, threads: int, device: str = "cpu"):
+        import copy
+
         import torch
 
         torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        if self.device.type != "cpu":  # a copy, so that the CPU model stays for validation and eager on CPU
+            peft_model = copy.deepcopy(peft_model).to(self.device)
         self.peft_model = peft_model
         self.model = peft_model.get_base_model()
         self.P = peft_model.active_peft_config.num_virtual_tokens
@@ -270,13 +326,15 @@ class EagerBackend:
         from .architectures import output_cache
 
         batch, seq = input_ids.shape
+        device = self.device
         with torch.inference_mode():
-            out = self.peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.ones(batch, seq,
-                                  dtype=torch.int64), position_ids=torch.arange(seq).expand(batch, -1),
+            out = self.peft_model(input_ids=torch.from_numpy(input_ids).to(device),
+                                  attention_mask=torch.ones(batch, seq, dtype=torch.int64, device=device),
+                                  position_ids=torch.arange(seq, device=device).expand(batch, -1),
                                   use_cache=True, return_dict=True)
         self.cache = output_cache(out)  # P + seq positions per layer
         self.total = seq
-        return out.logits[:, -1].float().numpy()
+        return out.logits[:, -1].float().cpu().numpy()  # .cpu() waits for the device
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         import torch
@@ -284,17 +342,26 @@ class EagerBackend:
         from .architectures import cache_kwargs, output_cache
 
         batch = tokens.shape[0]
+        device = self.device
         with torch.inference_mode():
-            out = self.model(input_ids=torch.from_numpy(tokens),
-                             attention_mask=torch.ones(batch, self.P + self.total + 1, dtype=torch.int64),
-                             position_ids=torch.full((batch, 1), self.P + self.total, dtype=torch.int64),
+            out = self.model(input_ids=torch.from_numpy(tokens).to(device),
+                             attention_mask=torch.ones(batch, self.P + self.total + 1, dtype=torch.int64,
+                                                       device=device),
+                             position_ids=torch.full((batch, 1), self.P + self.total, dtype=torch.int64,
+                                                     device=device),
                              use_cache=True, return_dict=True, **cache_kwargs(self.model, self.cache))
         self.cache = output_cache(out)
         self.total += 1
-        return out.logits[:, -1].float().numpy()
+        return out.logits[:, -1].float().cpu().numpy()
 
     def close(self) -> None:
         self.cache = None
+        if self.device.type != "cpu":
+            import torch
+
+            self.peft_model = self.model = None
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def time_generation(backend, input_ids: np.ndarray, new_tokens: int, warmup_tokens: int) -> dict:
@@ -338,15 +405,20 @@ class Variant:
     weights_read: int = 0
 
 
-def _short_validation(graph: Path, peft_model, spec, P: int, greedy_tokens: int, atol: float = 1e-4) -> dict:
-    from .runtime import OnnxDecoder, create_session
+def _short_validation(graph: Path, peft_model, spec, P: int, greedy_tokens: int, atol: float = 1e-4,
+                      prefix_file: Path | None = None) -> dict:
+    """Validation against PEFT, shortened; with `prefix_file` the graph is run as the cache layout."""
+    from .decoding import load_prefix_file
+    from .runtime import CacheLayoutDecoder, OnnxDecoder, create_session
     from .validate import Tolerances, validate
 
     budget = spec.max_positions - P if spec.positions == "learned" else None
     decoder = OnnxDecoder(create_session(graph, "cpu"))
+    if prefix_file is not None:
+        decoder = CacheLayoutDecoder(decoder, load_prefix_file(prefix_file))
     report = validate(decoder, peft_model, spec.vocab_size, Tolerances(atol=atol), prompt_lengths=(9, 5, 1),
                       decode_steps=2, greedy_tokens=greedy_tokens, greedy_prompts=1, max_positions=budget,
-                      graph_file=graph)
+                      graph_file=None if prefix_file is not None else graph, prefix_kv_file=prefix_file)
     del decoder
     return {"passed": report.passed, "failures": report.failures()[:10],
             "summary": report.to_dict()["summary"], "greedy": [{k: g[k] for k in ("new_tokens", "matching")}
@@ -354,9 +426,10 @@ def _short_validation(graph: Path, peft_model, spec, P: int, greedy_tokens: int,
 
 
 def _export_base(base, workdir: Path) -> tuple[Path, float]:
-    """The base model alone through the same wrapper and contract (no prefix, P = 0)."""
+    """The base model alone, same contract, no prefix: exactly the graph `--layout cache` exports
+    (its wrapper), so it serves both as "base" (P = 0) and as the cache layout (prefix fed as past)."""
     from . import __version__, graph
-    from .export import export_folded
+    from .export import export_decoder
 
     folder = workdir / "base"
     raw = workdir / ".raw-base"
@@ -365,9 +438,9 @@ def _export_base(base, workdir: Path) -> tuple[Path, float]:
     folder.mkdir(parents=True)
     raw.mkdir(parents=True)
     start = time.perf_counter()
-    export_folded(base.model, None, base.spec, raw / "model.onnx")
+    export_decoder(base.model, None, base.spec, raw / "model.onnx", layout="cache")
     graph.finalize(raw / "model.onnx", folder / "model.onnx",
-                   {contract.META_PREFIX_LENGTH: "0", contract.META_LAYOUT: "base (no prefix)",
+                   {contract.META_PREFIX_LENGTH: "0", contract.META_LAYOUT: "cache (base model, no prefix inside)",
                     contract.META_VERSION: __version__})
     shutil.rmtree(raw)
     return folder / "model.onnx", time.perf_counter() - start
@@ -389,12 +462,84 @@ def _check_base_export(graph: Path, model, vocab_size: int) -> dict:
     return {"max_abs_logits": diff, "passed": diff <= 1e-3}
 
 
+@dataclasses.dataclass
+class Backend:
+    """One measured row group: eager PyTorch (graph None) or a graph on one provider, with or without a
+    prefix fed as the first past (the cache layout)."""
+
+    name: str
+    kind: str  # "eager", "export" (ours, prefix applied) or "base" (no prefix)
+    layout: str  # "folded", "cache" or "-" (eager, base)
+    precision: str
+    provider: str  # ORT provider alias, or "torch:cpu" / "torch:cuda"
+    graph: Path | None
+    weights: int  # bytes of weights read per decode step
+    prefix_length: int  # positions of prefix in the cache
+    build_s: float
+    prefix: np.ndarray | None = None  # (L, 2, H_kv, P, D), fed as the first past
+
+
+def _prefix_file(folder) -> Path | None:
+    from .decoding import PREFIX_KV_FILE
+
+    path = Path(folder) / PREFIX_KV_FILE if folder is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file: Path | None, export_layout: str,
+              on_gpu: bool) -> list[Backend]:
+    """Every backend to measure, in measuring order: eager, then each graph on each provider; the base
+    graphs run twice, bare ("base": what the prefix costs) and with the prefix as past ("export[cache]")."""
+    from .decoding import load_prefix_file
+
+    prefix = load_prefix_file(prefix_file) if prefix_file is not None else None
+    backends = []
+    fp32_weights = next(v.weights_read for v in variants if v.kind == "export")
+    # Eager runs where the providers run: on the CPU, and on the GPU when a GPU provider is asked for.
+    eager_devices = (["cpu"] if "cpu" in settings.providers else []) + (["cuda"] if on_gpu else [])
+    if settings.eager and peft_model is not None:
+        for device in eager_devices:
+            name = "eager (PEFT, PyTorch)" + ("" if device == "cpu" else f" [{device}]")
+            backends.append(Backend(name, "eager", "-", "fp32", f"torch:{device}", None, fp32_weights, P, 0.0))
+    cache_runs = []
+    for variant in variants:
+        for provider in settings.providers:
+            if variant.precision == "int8" and provider != "cpu":
+                continue  # dynamic int8 MatMuls are CPU kernels; on a GPU they would fall back to it
+            suffix = "" if provider == "cpu" else f" [{provider}]"
+            if variant.kind == "export":
+                cache_export = export_layout == "cache"  # an existing cache-layout folder: feed its prefix
+                label = variant.name.replace("export", "export[cache]", 1) if cache_export else variant.name
+                backends.append(Backend(label + suffix, "export", export_layout, variant.precision, provider,
+                                        variant.graph, variant.weights_read, P, variant.build_s,
+                                        prefix if cache_export else None))
+                continue
+            backends.append(Backend(variant.name + suffix, "base", "-", variant.precision, provider, variant.graph,
+                                    variant.weights_read, 0, variant.build_s))
+            validated = variant.precision == "int8" or (variant.info.get("cache_layout_validation") or {}).get("passed")
+            # With a validated fused base graph, the plain one is not run as the cache layout: whether
+            # fusing pays is already measured on these very graphs by the bare "base" rows.
+            superseded = variant.precision == "fp32" and any(
+                v.kind == "base" and v.precision == "fp32+fused"
+                and (v.info.get("cache_layout_validation") or {}).get("passed") for v in variants)
+            if settings.cache_layout and prefix is not None and export_layout != "cache" and validated \
+                    and not superseded:
+                cache_runs.append(Backend(f"export[cache] {variant.precision}{suffix}", "export", "cache",
+                                          variant.precision, provider, variant.graph, variant.weights_read, P,
+                                          variant.build_s, prefix))
+    return backends + cache_runs
+
+
 # ---- the run -------------------------------------------------------------------------------------
 
 
 class _Bar:
+    """The progress bar, and a timeline of every step (seconds since the start), kept in bench.json."""
+
     def __init__(self, total: int, enabled: bool):
         self.bar = None
+        self.started = time.perf_counter()
+        self.timeline: list[tuple[str, float]] = []
         if enabled:
             from tqdm.auto import tqdm
 
@@ -402,6 +547,7 @@ class _Bar:
 
     def __call__(self, description: str, n: int = 1) -> None:
         log.info("bench: %s", description)
+        self.timeline.append((description, round(time.perf_counter() - self.started, 2)))
         if self.bar is not None:
             self.bar.set_description(description[:40])
             self.bar.update(n)
@@ -446,13 +592,17 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         result["notes"].append("model/prefix unknown: eager and base backends skipped")
     n_configs = len(settings.batch_sizes) * len(settings.contexts)
     n_graph_variants = (1 + int(settings.optimize) + int("int8" in settings.precisions)) * (1 + int(settings.base))
-    bar = _Bar(3 + n_graph_variants + settings.rounds * n_configs * (n_graph_variants * len(settings.providers)
+    bar = _Bar(4 + n_graph_variants + settings.rounds * n_configs * (n_graph_variants * len(settings.providers)
                                                                      + int(settings.eager)),
                progress)
     try:
         bandwidth = measure_bandwidth(settings.bandwidth_mb, settings.bandwidth_passes, threads)
         result["bandwidth"] = bandwidth
         bar(f"bandwidth {bandwidth['gb_per_s']:.1f} GB/s")
+        gpu_bandwidth = None
+        if any(p.lower() not in ("cpu", "cpuexecutionprovider") for p in settings.providers):
+            gpu_bandwidth = measure_gpu_bandwidth(settings.bandwidth_mb)
+            result["gpu_bandwidth"] = gpu_bandwidth
 
         base = peft_model = None
         if model is not None and prefix is not None and prefix != "<in-memory>":
@@ -473,11 +623,14 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         else:
             graph_file = graph_path(export_dir)
             export_s = read_report(Path(export_dir)).get("timing_s", {}).get("export")
+        export_layout = read_report(Path(export_dir)).get("layout", "folded") if export_dir is not None else "folded"
         spec = base.spec if base is not None else None
         P = int(_graph_meta(graph_file).get(contract.META_PREFIX_LENGTH, 0))
         fp32 = Variant("export fp32", graph_file, "export", "fp32", export_s or 0.0)
         if peft_model is not None:
-            fp32.info["validation"] = _short_validation(graph_file, peft_model, spec, P, settings.validate_tokens)
+            fp32.info["validation"] = _short_validation(
+                graph_file, peft_model, spec, P, settings.validate_tokens,
+                prefix_file=_prefix_file(export_dir) if export_layout == "cache" else None)
         variants.append(fp32)
         bar("exported")
         if settings.base and base is not None:
@@ -490,6 +643,15 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                                         settings, bar)
         if "int8" in settings.precisions:
             variants += _int8_variants(variants, workdir, bar)
+        # The cache layout: the base graph (and its fused / int8 versions) with the prefix fed as the
+        # first past, from the export's prefix_kv.safetensors; validated against PEFT like an export.
+        prefix_file = _prefix_file(export_dir if export_dir is not None else workdir / "export")
+        if settings.cache_layout and prefix_file is not None and peft_model is not None:
+            for variant in variants:
+                if variant.kind == "base" and variant.precision != "int8":
+                    variant.info["cache_layout_validation"] = _short_validation(
+                        variant.graph, peft_model, spec, P, settings.validate_tokens, prefix_file=prefix_file)
+            bar("validated the cache layout")
         for variant in variants:
             variant.weights_read = weights_read_per_token(variant.graph)
         result["variants"] = [{"name": v.name, "graph": str(v.graph), "kind": v.kind, "precision": v.precision,
@@ -500,16 +662,9 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         prompts = {(b, c): np.random.default_rng([settings.seed, b, c]).integers(0, kv_spec.vocab_size, (b, c),
                                                                                   dtype=np.int64)
                    for b in settings.batch_sizes for c in settings.contexts}
-        fp32_weights = next(v.weights_read for v in variants if v.kind == "export")
-        rows = []
-        backends = []
-        if settings.eager and peft_model is not None:
-            backends.append(("eager (PEFT, PyTorch)", "eager", "fp32", "torch", None, fp32_weights, P, 0.0))
-        for variant in variants:
-            for provider in settings.providers:
-                name = variant.name + ("" if provider == "cpu" else f" [{provider}]")
-                backends.append((name, variant.kind, variant.precision, provider, variant.graph, variant.weights_read,
-                                 P if variant.kind == "export" else 0, variant.build_s))
+        backends = _backends(variants, settings, peft_model, P, prefix_file, export_layout, gpu_bandwidth is not None)
+        result["backends"] = [{"name": b.name, "kind": b.kind, "layout": b.layout, "precision": b.precision,
+                               "provider": b.provider, "graph": str(b.graph) if b.graph else None} for b in backends]
         # eager's weights were loaded before its measurement started: add them to its footprint.
         model_mb = sum(p.numel() * p.element_size() for p in base.model.parameters()) / 1024**2 if base else 0.0
         configs = [(b, c) for (b, c) in prompts
@@ -518,63 +673,83 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         skipped = sorted(set(prompts) - set(configs))
         if skipped:
             result["notes"].append(f"configs {skipped} skipped: P + context + new tokens exceed the model's positions")
-        # Rounds: every backend in turn on every config, `rounds` times, so that load changes on a
-        # shared machine hit all backends alike; all sessions stay alive between rounds.
+        if bar.bar is not None:  # the real count of measurements, now that the backends are known
+            bar.bar.total = bar.bar.n + (settings.rounds * len(configs) + 1) * len(backends)
+            bar.bar.refresh()
+        # Every backend is created first (its memory: RSS growth over creation and one short run at
+        # the smallest config). Then, per round and per config, every backend runs in turn, so that
+        # backends compared on one config are measured seconds apart, not minutes, on a machine whose
+        # speed drifts; odd rounds run the backends in reverse order. One backend at a time: ONNX
+        # Runtime's spinning worker threads make sessions run step-by-step in alternation about 2x slower.
         live, memory_mb, samples, session_s = {}, {}, {}, {}
+        smallest = min(configs, key=lambda c: c[0] * c[1])
+        for b in backends:
+            gc.collect()
+            with PeakMemory() as memory:
+                live[b.name] = (EagerBackend(peft_model, threads, b.provider.split(":", 1)[1]) if b.graph is None
+                                else OrtBackend(b.graph, b.provider, threads, b.prefix))
+                time_generation(live[b.name], prompts[smallest], settings.warmup_tokens, 0)
+            session_s[b.name] = live[b.name].session_s
+            memory_mb[b.name] = (memory.peak_mb, memory.peak_mb - memory.start_mb)
+            bar(f"created {b.name}")
         for round_index in range(settings.rounds):
-            for name, kind, precision, provider, graph, weights, prefix_len, build_s in backends:
-                memory = None
-                if round_index == 0:
-                    gc.collect()
-                    memory = PeakMemory().__enter__()
-                    live[name] = (EagerBackend(peft_model, threads) if graph is None
-                                  else OrtBackend(graph, provider, threads))
-                    session_s[name] = live[name].session_s
-                backend = live[name]
-                for batch, context in configs:
-                    timing = time_generation(backend, prompts[(batch, context)], settings.new_tokens,
+            for batch, context in configs:
+                for b in (backends if round_index % 2 == 0 else backends[::-1]):
+                    timing = time_generation(live[b.name], prompts[(batch, context)], settings.new_tokens,
                                              settings.warmup_tokens)
-                    entry = samples.setdefault((name, batch, context), {"prefill": [], "steps": [], "rounds": []})
+                    entry = samples.setdefault((b.name, batch, context), {"prefill": [], "steps": [], "rounds": []})
                     entry["prefill"].append(timing["prefill_ms"])
                     entry["steps"].extend(timing["steps_ms"])
                     entry["rounds"].append(timing["decode_p50_ms"])
                     entry.setdefault("tokens_row0", timing["tokens_row0"])
-                    bar(f"{name} B={batch} C={context}")
-                if memory is not None:
-                    memory.__exit__(None, None, None)
-                    memory_mb[name] = (memory.peak_mb, memory.peak_mb - memory.start_mb)
+                    bar(f"{b.name} B={batch} C={context}")
         for backend in live.values():
             backend.close()
         live.clear()
         gc.collect()
-        for name, kind, precision, provider, graph, weights, prefix_len, build_s in backends:
+        # The machine's bandwidth drifts on a shared host: probe again after the measurements, and
+        # compute every floor with the best pass of both probes (the stricter floor).
+        after = measure_bandwidth(settings.bandwidth_mb, settings.bandwidth_passes, threads)
+        result["bandwidth_after"] = after
+        bandwidth = dict(bandwidth, gb_per_s=max(bandwidth["gb_per_s"], after["gb_per_s"]),
+                         probes_gb_per_s=[bandwidth["gb_per_s"], after["gb_per_s"]])
+        result["bandwidth"] = bandwidth
+        bar(f"bandwidth again {after['gb_per_s']:.1f} GB/s")
+        rows = []
+        for b in backends:
             for batch, context in configs:
-                entry = samples[(name, batch, context)]
+                entry = samples[(b.name, batch, context)]
                 steps = np.array(entry["steps"])
                 p50 = float(np.median(steps))
                 mid = context + settings.new_tokens // 2  # the cache length at the median step
-                floor_bytes = weights + kv_bytes(kv_spec, batch, prefix_len + mid)  # KV stays fp32
-                floor_ms = floor_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
-                rows.append({"backend": name, "kind": kind, "precision": precision, "provider": provider,
-                             "batch": batch, "context": context,
+                floor_bytes = b.weights + kv_bytes(kv_spec, batch, b.prefix_length + mid)  # KV stays fp32
+                # A GPU row's floor is the GPU's bandwidth; unknown (no CUDA in torch) leaves it empty.
+                ceiling = bandwidth if b.provider in ("cpu", "torch:cpu") else gpu_bandwidth
+                floor_ms = floor_bytes / (ceiling["gb_per_s"] * 1e9) * 1e3 if ceiling else None
+                rows.append({"backend": b.name, "kind": b.kind, "layout": b.layout, "precision": b.precision,
+                             "provider": b.provider, "batch": batch, "context": context,
                              "prefill_ms": round(float(np.median(entry["prefill"])), 3),
                              "decode_p50_ms": round(p50, 3), "decode_p90_ms": round(float(np.percentile(steps, 90)), 3),
                              "decode_min_ms": round(float(steps.min()), 3),
                              "decode_p50_per_round_ms": [round(x, 3) for x in entry["rounds"]],
                              "tokens_per_s": round(batch * 1e3 / p50, 2), "tokens_row0": entry["tokens_row0"],
-                             "floor_ms": round(floor_ms, 6), "bytes_per_token": floor_bytes,
-                             "x_floor": round(p50 / floor_ms, 3),
-                             "session_s": round(session_s[name], 3),
-                             "build_s": round(build_s, 2),
-                             "peak_rss_mb": round(memory_mb[name][0], 1),
-                             "rss_growth_mb": round(memory_mb[name][1], 1),
-                             "memory_mb": round(memory_mb[name][1] + (model_mb if kind == "eager" else 0), 1)})
+                             "floor_ms": round(floor_ms, 6) if floor_ms else None, "bytes_per_token": floor_bytes,
+                             "x_floor": round(p50 / floor_ms, 3) if floor_ms else None,
+                             "session_s": round(session_s[b.name], 3),
+                             "build_s": round(b.build_s, 2),
+                             "peak_rss_mb": round(memory_mb[b.name][0], 1),
+                             "rss_growth_mb": round(memory_mb[b.name][1], 1),
+                             "memory_mb": round(memory_mb[b.name][1] + (model_mb if b.kind == "eager" else 0), 1)})
+        if any(r["floor_ms"] is None for r in rows):
+            result["notes"].append("no GPU bandwidth (PyTorch without CUDA here): GPU rows have no floor")
         result["rows"] = rows
-        result["optimize_decision"] = _optimize_decision(rows, variants, settings)
+        result["optimize_decision"] = _optimize_decision(rows, settings)
         if settings.agreement_model is not None and "int8" in settings.precisions:
             result["int8_agreement_embedded"] = embedded_agreement(Path(settings.agreement_model), workdir)
+            bar("int8 agreement on the embedded model")
         result["eager_matches_export"] = _eager_matches(rows)
         result["targets"] = evaluate_targets(result)
+        result["timeline_s"] = bar.timeline
         result["load_average_after"] = load_average()
         result["total_s"] = round(time.perf_counter() - started, 1)
     finally:
@@ -694,22 +869,45 @@ def embedded_agreement(folder: Path, workdir: Path, prompts_n: int = 48, greedy_
     return result
 
 
-def _optimize_decision(rows, variants, settings) -> dict | None:
-    """Keep the fused graph when it validated and its decode p50 is lower, as a geometric mean of the
-    fused/plain ratios over every measured config (one config alone is too noisy on a shared machine)."""
-    if not settings.optimize:
-        return None
-    fused_rows = [r for r in rows if r["backend"] == "export fp32+fused"]
-    if not fused_rows:
-        return {"kept": False, "why": "the fused graph failed to build or to validate"}
+def _fusion_decision(rows, fused: str, plain: str) -> dict | None:
+    """Fused vs plain decode p50 as a geometric mean of the ratios over every config both ran."""
     ratios = []
-    for row in fused_rows:
-        plain = _pick(rows, "export fp32", (row["batch"], row["context"]))
-        if plain is not None:
-            ratios.append(row["decode_p50_ms"] / plain["decode_p50_ms"])
-    ratio = float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
+    for row in (r for r in rows if r["backend"] == fused):
+        other = _pick(rows, plain, (row["batch"], row["context"]))
+        if other is not None:
+            ratios.append(row["decode_p50_ms"] / other["decode_p50_ms"])
+    if not ratios:
+        return None
+    ratio = float(np.exp(np.mean(np.log(ratios))))
     return {"kept": bool(ratio < 1.0), "fused_over_plain": round(ratio, 3),
             "why": f"decode p50 fused / plain = {ratio:.3f} (geometric mean over {len(ratios)} configs)"}
+
+
+def _optimize_decision(rows, settings) -> dict | None:
+    """Keep a fused graph when it validated and its decode p50 is lower, as a geometric mean of the
+    fused/plain ratios over every measured config (one config alone is too noisy on a shared machine).
+
+    Decided per export backend (folded, cache layout, per provider); the top-level answer is the
+    folded CPU one, `by_backend` holds every one, keyed by the plain backend's name. The cache layout
+    runs the base graphs, so without its own plain row it is decided by the bare base rows.
+    """
+    if not settings.optimize:
+        return None
+    decisions = {}
+    for fused in dict.fromkeys(r["backend"] for r in rows if r["kind"] == "export" and r["precision"] == "fp32+fused"):
+        plain = fused.replace("fp32+fused", "fp32", 1)
+        decision = _fusion_decision(rows, fused, plain)
+        if decision is None and fused.startswith("export[cache]"):
+            base_fused = fused.replace("export[cache]", "base", 1)
+            decision = _fusion_decision(rows, base_fused, base_fused.replace("fp32+fused", "fp32", 1))
+            if decision is not None:
+                decision["why"] += ", measured on the same graphs without the prefix (the base rows)"
+        if decision is not None:
+            decisions[plain] = decision
+    if not decisions:
+        return {"kept": False, "why": "the fused graph failed to build or to validate", "by_backend": {}}
+    head = decisions.get("export fp32") or next(iter(decisions.values()))
+    return {**head, "by_backend": decisions}
 
 
 def _headline_config(rows) -> tuple[int, int] | None:
@@ -734,70 +932,106 @@ def _eager_matches(rows) -> dict | None:
     for row in rows:
         if row["kind"] != "eager":
             continue
-        ours = next((r for r in rows if r["backend"] == "export fp32" and r["batch"] == row["batch"]
-                     and r["context"] == row["context"]), None)
+        suffix = row["backend"][len("eager (PEFT, PyTorch)"):]  # "" or " [cuda]"
+        ours = _pick(rows, "export fp32" + suffix, (row["batch"], row["context"])) \
+            or _pick(rows, "export fp32", (row["batch"], row["context"]))
         if ours is not None:
             a, b = row["tokens_row0"], ours["tokens_row0"]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            out[f"B={row['batch']} C={row['context']}"] = f"{same}/{len(a)} leading tokens equal"
+            out[f"{suffix.strip()} B={row['batch']} C={row['context']}".strip()] = f"{same}/{len(a)} leading tokens equal"
     return out or None
 
 
+LAYOUT_PREFIXES = {"folded": "export", "cache": "export[cache]"}
+
+
 def evaluate_targets(result: dict) -> dict:
+    """The issue-5 targets on the CPU rows at the headline config, per layout; the top level is the
+    faster layout ("ours"), `by_layout` holds both."""
     rows = result.get("rows", [])
     config = _headline_config(rows)
     if config is None:
         return {}
-    decision = result.get("optimize_decision") or {}
-    ours_name = "export fp32+fused" if decision.get("kept") else "export fp32"
-    base_name = "base fp32+fused" if decision.get("kept") else "base fp32"
-    ours, eager, base = _pick(rows, ours_name, config), _pick(rows, "eager (PEFT, PyTorch)", config), \
-        _pick(rows, base_name, config)
-    int8 = _pick(rows, "export int8", config)
-    targets = {"config": {"batch": config[0], "context": config[1]}, "ours": ours_name}
+    decisions = (result.get("optimize_decision") or {}).get("by_backend", {})
+    eager = _pick(rows, "eager (PEFT, PyTorch)", config)
+    embedded = result.get("int8_agreement_embedded")
 
     def entry(value, limit, lower_is_better=True):
         return {"value": round(value, 3), "target": limit,
                 "met": bool(value <= limit if lower_is_better else value >= limit)}
 
-    if ours and eager:
-        targets["export_vs_eager"] = entry(ours["decode_p50_ms"] / eager["decode_p50_ms"], TARGETS["export_vs_eager"])
-    if ours and base:
-        targets["prefix_cost"] = entry(ours["decode_p50_ms"] / base["decode_p50_ms"] - 1, TARGETS["prefix_cost"])
-    if ours:
-        targets["export_vs_floor"] = entry(ours["x_floor"], TARGETS["export_vs_floor"])
-    if ours and int8:
-        targets["int8_vs_fp32"] = entry(int8["decode_p50_ms"] / ours["decode_p50_ms"], TARGETS["int8_vs_fp32"])
-    embedded = result.get("int8_agreement_embedded")
-    if embedded:
-        targets["int8_top1_agreement"] = entry(embedded["top1_agreement"], TARGETS["int8_top1_agreement"], False)
-    return targets
+    by_layout = {}
+    for layout, label in LAYOUT_PREFIXES.items():
+        kept = decisions.get(f"{label} fp32", {}).get("kept")
+        ours_name = f"{label} fp32+fused" if kept else f"{label} fp32"
+        ours = _pick(rows, ours_name, config)
+        if ours is None:  # the cache layout's plain graph is not run when the fused one is (see _backends)
+            ours_name = f"{label} fp32+fused"
+            ours = _pick(rows, ours_name, config)
+        if ours is None:
+            continue
+        kept = ours_name.endswith("+fused")
+        base = _pick(rows, "base fp32+fused" if kept else "base fp32", config)
+        int8 = _pick(rows, f"{label} int8", config)
+        targets = {"ours": ours_name, "decode_p50_ms": ours["decode_p50_ms"]}
+        if eager:
+            targets["export_vs_eager"] = entry(ours["decode_p50_ms"] / eager["decode_p50_ms"],
+                                               TARGETS["export_vs_eager"])
+        if base:
+            targets["prefix_cost"] = entry(ours["decode_p50_ms"] / base["decode_p50_ms"] - 1, TARGETS["prefix_cost"])
+        if ours["x_floor"] is not None:
+            targets["export_vs_floor"] = entry(ours["x_floor"], TARGETS["export_vs_floor"])
+        if int8:
+            targets["int8_vs_fp32"] = entry(int8["decode_p50_ms"] / ours["decode_p50_ms"], TARGETS["int8_vs_fp32"])
+        if embedded:
+            targets["int8_top1_agreement"] = entry(embedded["top1_agreement"], TARGETS["int8_top1_agreement"], False)
+        by_layout[layout] = targets
+    if not by_layout:
+        return {}
+    best = min(by_layout, key=lambda layout: by_layout[layout]["decode_p50_ms"])
+    return {"config": {"batch": config[0], "context": config[1]}, "layout": best, **by_layout[best],
+            "by_layout": by_layout}
 
 
 # ---- output --------------------------------------------------------------------------------------
 
 
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+
 def format_table(result: dict) -> str:
-    header = (f"{'backend':<24} {'B':>2} {'ctx':>5} {'prefill ms':>10} {'decode p50':>10} {'p90':>7} "
+    width = max([24, *(len(r["backend"]) for r in result.get("rows", []))])
+    header = (f"{'backend':<{width}} {'B':>2} {'ctx':>5} {'prefill ms':>10} {'decode p50':>10} {'p90':>7} "
               f"{'tok/s':>7} {'floor ms':>8} {'x floor':>7} {'session s':>9} {'build s':>7} {'mem MB':>7}")
     lines = [header, "-" * len(header)]
     for r in result.get("rows", []):
-        lines.append(f"{r['backend']:<24} {r['batch']:>2} {r['context']:>5} {r['prefill_ms']:>10.1f} "
+        lines.append(f"{r['backend']:<{width}} {r['batch']:>2} {r['context']:>5} {r['prefill_ms']:>10.1f} "
                      f"{r['decode_p50_ms']:>10.2f} {r['decode_p90_ms']:>7.2f} {r['tokens_per_s']:>7.1f} "
-                     f"{r['floor_ms']:>8.2f} {r['x_floor']:>7.2f} {r['session_s']:>9.2f} {r['build_s']:>7.1f} "
+                     f"{_cell(r['floor_ms'], 8)} {_cell(r['x_floor'], 7)} {r['session_s']:>9.2f} {r['build_s']:>7.1f} "
                      f"{r.get('memory_mb', float('nan')):>7.0f}")
     lines.append("decode p50/p90: ms per step over all rounds; floor: (weights read per step + KV cache) / read "
-                 "bandwidth; mem MB: RSS growth while the backend was created and first run (eager: + its weights), "
+                 "bandwidth; mem MB: RSS growth while the backend was created and run once on the smallest config (eager: + "
+                 "its weights), "
                  "approximate: memory freed earlier in the process is reused without showing")
     machine, bandwidth = result.get("machine", {}), result.get("bandwidth", {})
     lines.append("")
     lines.append(f"machine: {machine.get('cpu', machine.get('machine'))}, {machine.get('cpu_count')} cores, "
                  f"{machine.get('memory_gb')} GB; threads {result.get('threads')}; read bandwidth "
-                 f"{bandwidth.get('gb_per_s')} GB/s; load average before {result.get('load_average_before')} "
+                 f"{bandwidth.get('gb_per_s')} GB/s (best of the probes before/after: "
+                 f"{bandwidth.get('probes_gb_per_s')}); load average before {result.get('load_average_before')} "
                  f"after {result.get('load_average_after')}")
+    gpu = result.get("gpu_bandwidth")
+    if gpu:
+        lines.append(f"GPU: {gpu['device']}, {gpu['gb_per_s']} GB/s (device-to-device copy, read + write): the "
+                     "floor of the GPU rows")
     for variant in result.get("variants", []):
         validation = variant.get("validation")
         status = "" if validation is None else (" validated" if validation.get("passed") else " FAILED validation")
+        cache = variant.get("cache_layout_validation")
+        if cache is not None:
+            status += "; with the prefix as past (cache layout) " + ("validated against PEFT" if cache.get("passed")
+                                                                     else "FAILED validation")
         extra = ""
         if "fusion" in variant:
             fusion = variant["fusion"]
@@ -812,7 +1046,8 @@ def format_table(result: dict) -> str:
     lines.extend(f"note: {note}" for note in result.get("notes", []))
     if result.get("optimize_decision"):
         d = result["optimize_decision"]
-        lines.append(f"--optimize: fused graph {'KEPT' if d['kept'] else 'discarded'} ({d['why']})")
+        for name, each in (d.get("by_backend") or {"export fp32": d}).items():
+            lines.append(f"--optimize, {name}: fused graph {'KEPT' if each['kept'] else 'discarded'} ({each['why']})")
     if result.get("eager_matches_export"):
         lines.append("eager vs export greedy tokens: " + "; ".join(f"{k}: {v}" for k, v in
                                                                    result["eager_matches_export"].items()))
@@ -825,13 +1060,20 @@ def format_table(result: dict) -> str:
     targets = result.get("targets") or {}
     if targets:
         config = targets["config"]
-        lines.append(f"targets (B={config['batch']}, ctx={config['context']}, ours = {targets['ours']}):")
+        lines.append(f"targets (B={config['batch']}, ctx={config['context']}, CPU), per layout; ours = the faster, "
+                     f"{targets['layout']} ({targets['ours']}):")
+        layouts = targets["by_layout"]
+        lines.append(f"  {'target':<20} {'limit':>9}  " + "  ".join(f"{layout + ' (' + t['ours'] + ')':>34}"
+                                                                   for layout, t in layouts.items()))
         for key in TARGETS:
-            if key in targets:
-                t = targets[key]
+            cells = []
+            for t in layouts.values():
+                value = t.get(key)
+                cells.append(f"{'-':>34}" if value is None else
+                             f"{value['value']:>26.3f} {'met' if value['met'] else 'MISSED':>7}")
+            if any(key in t for t in layouts.values()):
                 op = ">=" if key == "int8_top1_agreement" else "<="
-                lines.append(f"  {key:<20} {t['value']:>7.3f}  (target {op} {t['target']})  "
-                             f"{'met' if t['met'] else 'MISSED'}")
+                lines.append(f"  {key:<20} {op + ' ' + str(TARGETS[key]):>9}  " + "  ".join(cells))
     return "\n".join(lines)
 
 

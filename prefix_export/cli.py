@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also measure a fused graph (attention, skip layer norm, gelu); kept if it validates "
                             "and is faster")
     bench.add_argument("--no-eager", action="store_true", help="skip the PEFT eager baseline")
-    bench.add_argument("--no-base", action="store_true", help="skip the base-model export (no prefix cost)")
+    bench.add_argument("--no-base", action="store_true",
+                       help="skip the base-model export (no prefix cost, and no cache layout)")
+    bench.add_argument("--no-cache-layout", action="store_true",
+                       help="do not also run the cache layout (the base graph with the prefix as its first past)")
     bench.add_argument("--threads", type=int, help="intra-op threads for ORT and torch (default: all cores)")
     bench.add_argument("--agreement-model", help="embedded-style model folder (base/, prefix/, test_split.jsonl) "
                                                  "for the int8 agreement check (default models/default if present)")
@@ -301,6 +304,7 @@ def cmd_bench(args) -> int:
                              new_tokens=args.new_tokens, rounds=args.rounds, providers=tuple(args.provider or ["cpu"]),
                              precisions=tuple(dict.fromkeys(["fp32", *(args.precision or [])])),
                              optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
+                             cache_layout=not args.no_cache_layout,
                              threads=args.threads, bandwidth_mb=args.bandwidth_mb,
                              agreement_model=Path(agreement) if agreement else None)
     result = run_bench(args.out, model=args.model, prefix=args.prefix, export_dir=args.export_dir,

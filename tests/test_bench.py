@@ -29,7 +29,8 @@ def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
     _, result = bench_run
     backends = {row["backend"] for row in result["rows"]}
     assert backends == {"eager (PEFT, PyTorch)", "export fp32", "base fp32", "export fp32+fused", "base fp32+fused",
-                        "export int8", "base int8"}
+                        "export int8", "base int8", "export[cache] fp32+fused",
+                        "export[cache] int8"}
     for name in backends:
         configs = sorted((r["batch"], r["context"]) for r in result["rows"] if r["backend"] == name)
         assert configs == [(1, 4), (1, 8), (2, 4), (2, 8)], name
@@ -75,7 +76,30 @@ def test_bench_validates_what_it_measures(bench_run):
     # The eager baseline applies the prefix: its greedy tokens are the validated export's.
     assert all(v.startswith("4/4") for v in result["eager_matches_export"].values()), result["eager_matches_export"]
     assert result["optimize_decision"]["kept"] in (True, False)
-    assert set(result["targets"]) >= {"export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32"}
+    assert set(result["optimize_decision"]["by_backend"]) == {"export fp32", "export[cache] fp32"}
+    assert "base rows" in result["optimize_decision"]["by_backend"]["export[cache] fp32"]["why"]
+    assert set(result["targets"]) >= {"export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32", "layout"}
+    assert set(result["targets"]["by_layout"]) == {"folded", "cache"}
+
+
+def test_bench_cache_layout_runs_the_base_graph_with_the_prefix(bench_run):
+    """The cache layout is the base graph with the prefix fed as the first past: validated against PEFT,
+    its greedy tokens are the folded export's, and it holds P more positions than the bare base graph."""
+    _, result = bench_run
+    variants = {v["name"]: v for v in result["variants"]}
+    for name in ("base fp32", "base fp32+fused"):
+        validation = variants[name]["cache_layout_validation"]
+        assert validation["passed"], validation["failures"]
+        assert validation["summary"][0]["check"] == "prefix"  # the prefix file checked against PEFT's
+    rows = {(r["backend"], r["batch"], r["context"]): r for r in result["rows"]}
+    for batch, context in ((1, 4), (1, 8), (2, 4), (2, 8)):
+        # With --optimize the cache layout runs the fused base graph (the plain one is measured bare).
+        folded, cache = rows[("export fp32+fused", batch, context)], rows[("export[cache] fp32+fused", batch, context)]
+        bare = rows[("base fp32+fused", batch, context)]
+        assert cache["tokens_row0"] == folded["tokens_row0"] == rows[("eager (PEFT, PyTorch)", batch, context)][
+            "tokens_row0"]
+        assert cache["layout"] == "cache" and folded["layout"] == "folded"
+        assert cache["bytes_per_token"] - bare["bytes_per_token"] == 2 * 2 * batch * 4 * 4 * 8 * 4  # P=4 positions
 
 
 def test_bench_plot_and_table(bench_run):
@@ -124,3 +148,34 @@ def test_agreement_counts_top1_positions():
     assert agreement(Fixed(1), Fixed(1), prompts)["top1_agreement"] == 1.0
     assert agreement(Fixed(1), Fixed(2), prompts)["top1_agreement"] == 0.0
     assert agreement(Fixed(1), Fixed(1), prompts)["positions"] == 8
+
+
+def test_backends_on_a_gpu_provider_run_eager_there_and_keep_int8_on_the_cpu(tmp_path):
+    """What `bench --provider cpu --provider cuda` measures, decided without a GPU: eager PyTorch on both
+    devices, every graph on both providers except int8 (CPU kernels), the cache layout on both."""
+    from safetensors.numpy import save_file
+
+    prefix_file = tmp_path / "prefix_kv.safetensors"
+    save_file({"prefix_kv": np.zeros((2, 2, 4, 3, 8), np.float32)}, str(prefix_file))
+    passed = {"cache_layout_validation": {"passed": True}}
+    variants = [bench.Variant("export fp32", tmp_path / "e.onnx", "export", "fp32", 1.0, weights_read=10),
+                bench.Variant("base fp32", tmp_path / "b.onnx", "base", "fp32", 1.0, dict(passed), weights_read=10),
+                bench.Variant("base fp32+fused", tmp_path / "bf.onnx", "base", "fp32+fused", 1.0, dict(passed),
+                              weights_read=10),
+                bench.Variant("base int8", tmp_path / "b8.onnx", "base", "int8", 1.0, weights_read=3)]
+    settings = bench.BenchSettings(providers=("cpu", "cuda"))
+    backends = {b.name: b for b in bench._backends(variants, settings, object(), 3, prefix_file, "folded", True)}
+    assert set(backends) == {"eager (PEFT, PyTorch)", "eager (PEFT, PyTorch) [cuda]", "export fp32",
+                             "export fp32 [cuda]", "base fp32", "base fp32 [cuda]", "base fp32+fused",
+                             "base fp32+fused [cuda]", "base int8", "export[cache] fp32+fused",
+                             "export[cache] fp32+fused [cuda]", "export[cache] int8"}
+    assert backends["eager (PEFT, PyTorch) [cuda]"].provider == "torch:cuda"
+    assert backends["export[cache] fp32+fused [cuda]"].prefix.shape == (2, 2, 4, 3, 8)
+    assert backends["export[cache] fp32+fused"].prefix_length == 3 and backends["base fp32+fused"].prefix_length == 0
+    # Without CUDA in PyTorch there is no GPU bandwidth (and no eager row on the GPU).
+    import torch
+
+    if not torch.cuda.is_available():
+        assert bench.measure_gpu_bandwidth(8) is None
+        no_gpu = bench._backends(variants, settings, object(), 3, prefix_file, "folded", False)
+        assert not any(b.provider == "torch:cuda" for b in no_gpu)

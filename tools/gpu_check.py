@@ -248,6 +248,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-install", action="store_true", help="never install onnxruntime-gpu")
     parser.add_argument("--stash-only", action="store_true", help="copy carried wheel parts to /tmp and exit")
     parser.add_argument("--json", help="result file (default $OUT/gpu_check.json, else WORK/gpu_check.json)")
+    parser.add_argument("--bench", action="store_true",
+                        help="then `prefix-export bench` on the gpt2-small model with the GPU providers (eager "
+                             "PyTorch on the GPU too); bench.json/bench.png/bench.txt beside gpu_check.json")
+    parser.add_argument("--bench-contexts", default="32,128,512")
+    parser.add_argument("--bench-model", default="gpt2-small", help="default, gpt2-small or tiny")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.stash_only:
@@ -312,9 +317,34 @@ def main(argv=None) -> int:
     path = Path(args.json) if args.json else Path(os.environ.get("OUT") or work) / "gpu_check.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}")
+    if args.bench:
+        run_gpu_bench(work, path.parent, [p for p in providers if p != "cpu"] or ["cpu"], args)
     mismatched = [r for r in rows if "tokens_equal_peft" in r
                   and r["tokens_equal_peft"].split("/")[0] != r["tokens_equal_peft"].split("/")[1]]
     return 1 if failures or mismatched else 0
+
+
+def run_gpu_bench(work: Path, out: Path, providers: list[str], args) -> None:
+    """`prefix-export bench` on --bench-model with the GPU providers (and eager PyTorch on the GPU)."""
+    from prefix_export.bench import BenchSettings, format_table, run_bench
+
+    base, prefix = prepare_models(work, [args.bench_model])[args.bench_model]
+    providers = [p for p in providers if p not in ("tensorrt", "trt")] or ["cpu"]  # folded graph: no TensorRT
+    settings = BenchSettings(batch_sizes=tuple(args.batches),
+                             contexts=tuple(int(c) for c in args.bench_contexts.split(",")),
+                             providers=tuple(providers), optimize=True)
+    t0 = time.perf_counter()
+    try:
+        result = run_bench(work / "bench", model=str(base), prefix=str(prefix), settings=settings, progress=False)
+    except Exception as exc:  # noqa: BLE001 - the check's results are already written
+        print(f"bench failed: {type(exc).__name__}: {exc}")
+        return
+    table = format_table(result)
+    print(table)
+    print(f"bench took {time.perf_counter() - t0:.0f}s")
+    (out / "bench.txt").write_text(table + "\n")
+    for name in ("bench.json", "bench.png"):
+        shutil.copyfile(work / "bench" / name, out / name)
 
 
 def print_table(rows: list[dict], args) -> None:
