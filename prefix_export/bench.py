@@ -13,8 +13,13 @@ Backends:
   export    our folded graph on ONNX Runtime, per provider and precision (fp32, fp32 fused with
             `--optimize`, int8), in a lean loop: IO binding, the presents fed back as OrtValues
             (no numpy round trip), intra-op threads = all cores.
-  base      the same tool's export of the base model without a prefix (same wrapper and contract,
-            P = 0), with the same passes: the difference is what the prefix costs.
+  base      the same tool's export of the base model without a prefix (the `--layout cache` wrapper,
+            same contract, P = 0), with the same passes: the difference is what the prefix costs.
+  export[cache]  the cache layout: those base graphs with the export's prefix_kv.safetensors fed as
+            the first past (P ones lead the mask, positions start at P), validated against PEFT.
+            The folded graph copies the cache three times per step, this one once.
+Rounds run every backend in turn on one configuration before the next, so that the backends being
+compared are measured seconds apart; with a GPU provider, eager also runs on the GPU.
 The floor: decode cannot be faster than reading every weight a token touches plus the KV cache once,
 at the machine's memory read bandwidth (`measure_bandwidth`); each decode figure is printed beside it.
 """

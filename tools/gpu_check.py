@@ -4,6 +4,8 @@ Run it where a GPU is lent, in ONE device call of a few minutes (tools/gpu_check
 
     bash tools/gpu_check.sh                       # default model + gpt2-small, every GPU provider found
     bash tools/gpu_check.sh --providers cpu       # the CPU-only path (what can be tried without a GPU)
+    bash tools/gpu_check.sh --bench               # then `bench --provider cuda` on gpt2-small (~2 min more)
+    bash tools/gpu_check.sh --models '' --bench   # the bench alone
 
 What it does:
   1. lists ONNX Runtime's providers; if CUDAExecutionProvider is missing, installs an onnxruntime-gpu
@@ -15,7 +17,11 @@ What it does:
   3. per model, layout and provider (cpu, cuda, tensorrt when installed; TensorRT on the cache layout
      only, whose past is never zero-length): max |logits - CPU logits| at prefill, greedy tokens equal
      to the CPU's and to PEFT's forward (PyTorch), prefill ms and ms/token at batch 1 and 4;
-  4. prints the table and writes gpu_check.json (into $OUT when set, else --json).
+  4. prints the table and writes gpu_check.json (into $OUT when set, else --json);
+  5. with --bench: `prefix-export bench` with the GPU providers (eager PyTorch on the GPU too, the
+     cache layout beside the folded one), bench.json/.png/.txt beside gpu_check.json.
+Run on an H100 on 2026-11-26 (README, "Checked on a GPU"): twice 4 device calls (3 wheel parts, then
+the run), 6.6 minutes of device time together; `--bench` took 174 s, `--models '' --bench` 108 s.
 
 The wheel, carried in parts (a device call carries at most 64 MiB; the machine keeps /tmp while warm):
     here, once:  pip download onnxruntime-gpu==1.31.1 --no-deps --only-binary=:all: \
