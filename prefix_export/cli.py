@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import PrefixExportError
 
@@ -251,9 +252,9 @@ def cmd_generate(args) -> int:
 
     if streaming and args.prompt:
         from .generate import load_tokenizer
-        from .sessions import read_facts
 
-        shown["tokenizer"] = load_tokenizer(read_facts(args.out_dir).folder)
+        folder = Path(args.out_dir)
+        shown["tokenizer"] = load_tokenizer(folder.parent if folder.is_file() else folder)
         if shown["tokenizer"] is None:
             streaming = False
     result = generate_from_folder(
@@ -287,8 +288,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pathlib import Path
-
     from .bench import BenchSettings, format_table, run_bench
     from .errors import InputError
 

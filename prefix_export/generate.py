@@ -8,12 +8,15 @@ Token ids in and out when the folder has no tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from . import seq2seq_contract
 from .decoding import Engine, GenerationConfig, Step, load_prefix_file
 from .errors import InputError
 from .providers import TENSORRT
@@ -43,18 +46,14 @@ def parse_token_ids(values: list[str]) -> list[list[int]]:
         raise InputError(f"--token-ids must be comma-separated integers ({exc}).") from None
 
 
-class ExportRunner:
-    """An export folder opened for generation: one session, its tokenizer, its prefix(es)."""
+class _TextRunner:
+    """What every runner shares: the folder's tokenizer and special tokens, prompt encoding, stop
+    tokens, and the result rows. Subclasses set folder, facts, opened and tokenizer."""
 
-    def __init__(self, folder: str | Path, settings: SessionSettings | None = None, io_binding: bool | None = None):
-        self.folder = Path(folder)
-        self.facts = read_facts(self.folder)
-        self.settings = settings or SessionSettings()
-        self.opened = open_session(self.folder, self.settings, self.facts)
-        self.tokenizer = load_tokenizer(self.facts.folder)
-        prefix = load_prefix_file(self.facts.folder) if self.facts.layout == "cache" else None
-        self.engine = Engine(self.opened.session, layout=self.facts.layout, prefix=prefix,
-                             device=self.opened.device, device_id=self.settings.device_id, io_binding=io_binding)
+    folder: Path
+    facts: object  # sessions.ExportFacts
+    opened: object  # sessions.OpenedSession
+    tokenizer: object
 
     @property
     def provider(self) -> str:
@@ -99,6 +98,33 @@ class ExportRunner:
         if any(len(r) == 0 for r in rows):
             raise InputError("a prompt encodes to zero tokens; give at least one token.")
         return rows
+
+    def _result(self, rows: list[list[int]], new: np.ndarray, config: GenerationConfig) -> dict:
+        """Per prompt: its ids, the new ids up to (not including) the first stop token, and the text."""
+        stops = set(config.stop_token_ids)
+        out_rows = []
+        for i, row in enumerate(new.tolist()):
+            cut = next((k for k, t in enumerate(row) if t in stops), None)
+            stop = row[cut] if cut is not None else None
+            row = row[:cut] if cut is not None else row
+            text = self.tokenizer.decode(row, skip_special_tokens=True) if self.tokenizer is not None else None
+            out_rows.append({"prompt_token_ids": rows[i], "new_token_ids": row, "stop_token_id": stop, "text": text})
+        return {"folder": str(self.folder), "provider": self.provider, "layout": self.facts.layout,
+                "fell_back": self.opened.fell_back, "rows": out_rows}
+
+
+class ExportRunner(_TextRunner):
+    """A decoder-only export folder opened for generation: one session, its tokenizer, its prefix(es)."""
+
+    def __init__(self, folder: str | Path, settings: SessionSettings | None = None, io_binding: bool | None = None):
+        self.folder = Path(folder)
+        self.facts = read_facts(self.folder)
+        self.settings = settings or SessionSettings()
+        self.opened = open_session(self.folder, self.settings, self.facts)
+        self.tokenizer = load_tokenizer(self.facts.folder)
+        prefix = load_prefix_file(self.facts.folder) if self.facts.layout == "cache" else None
+        self.engine = Engine(self.opened.session, layout=self.facts.layout, prefix=prefix,
+                             device=self.opened.device, device_id=self.settings.device_id, io_binding=io_binding)
 
     def resolve_prefixes(self, prefixes, batch: int) -> list[np.ndarray] | None:
         """Paths or arrays -> (L, 2, H_kv, P, D) arrays, one for all rows or one per row."""
@@ -182,16 +208,68 @@ class ExportRunner:
                  on_step: Callable[[Step], None] | None = None) -> dict:
         rows, ids, mask, config, arrays = self.prepare(prompts, token_ids, config, prefixes)
         new = self.engine.generate(ids, mask, config, arrays, on_step=on_step)
-        stops = set(config.stop_token_ids)
-        out_rows = []
-        for i, row in enumerate(new.tolist()):
-            cut = next((k for k, t in enumerate(row) if t in stops), None)
-            stop = row[cut] if cut is not None else None
-            row = row[:cut] if cut is not None else row
-            text = self.tokenizer.decode(row, skip_special_tokens=True) if self.tokenizer is not None else None
-            out_rows.append({"prompt_token_ids": rows[i], "new_token_ids": row, "stop_token_id": stop, "text": text})
-        return {"folder": str(self.folder), "provider": self.provider, "layout": self.facts.layout,
-                "fell_back": self.opened.fell_back, "rows": out_rows}
+        return self._result(rows, new, config)
+
+
+class Seq2SeqRunner(_TextRunner):
+    """An encoder-decoder export folder (encoder_model.onnx + decoder_model.onnx) opened for generation.
+
+    The prompt goes to the encoder (right-padded batch); the decoder starts from the model's
+    decoder_start_token_id and runs with its KV cache. The prefix is inside the decoder graph, so
+    nothing here knows about it. CPU and CUDA; TensorRT is refused (its profiles are built for the
+    decoder-only contract).
+    """
+
+    def __init__(self, folder: str | Path, settings: SessionSettings | None = None):
+        from .providers import ALIASES
+        from .runtime_seq2seq import OnnxSeq2Seq
+
+        self.folder = Path(folder)
+        self.settings = settings or SessionSettings()
+        if ALIASES.get(self.settings.provider.lower(), self.settings.provider) == TENSORRT:
+            raise InputError(f"{self.folder} is an encoder-decoder export; generate runs it on cpu or cuda, not "
+                             "TensorRT.")
+        self.facts = read_facts(self.folder, self.folder / seq2seq_contract.DECODER_GRAPH)
+        encoder_facts = dataclasses.replace(self.facts, graph=self.folder / seq2seq_contract.ENCODER_GRAPH)
+        encoder = open_session(self.folder, self.settings, encoder_facts)
+        self.opened = open_session(self.folder, self.settings, self.facts)
+        self.model = OnnxSeq2Seq(encoder.session, self.opened.session)
+        self.tokenizer = load_tokenizer(self.folder)
+        config = json.loads((self.folder / "config.json").read_text()) if (self.folder / "config.json").is_file() \
+            else {}
+        start = config.get("decoder_start_token_id")
+        if start is None:
+            raise InputError(f"{self.folder}/config.json has no decoder_start_token_id; the decoder cannot start.")
+        self.decoder_start_token_id = int(start)
+
+    def generate(self, prompts=None, token_ids=None, config: GenerationConfig | None = None, prefixes=None,
+                 on_step: Callable[[Step], None] | None = None) -> dict:
+        from .runtime_seq2seq import generate_seq2seq
+
+        if prefixes:
+            raise InputError(f"{self.folder} is an encoder-decoder export with its prefix inside the decoder graph; "
+                             "--prefix-kv is for decoder-only exports made with --layout cache.")
+        rows = self.encode(prompts, token_ids)
+        config = config or self.default_config()
+        limit, P = self.facts.max_positions, self.facts.num_virtual_tokens
+        if limit is not None:  # learned positions (bart): encoder positions, and decoder positions after P
+            if max(len(r) for r in rows) > limit:
+                raise InputError(f"the longest prompt has {max(len(r) for r in rows)} tokens; the encoder has "
+                                 f"{limit} positions.")
+            if P + config.max_new_tokens > limit:  # the start token and all but the last new token are fed
+                raise InputError(f"{config.max_new_tokens} new tokens after the prefix's P={P} positions need "
+                                 f"{P + config.max_new_tokens} decoder positions, but the model has {limit}; "
+                                 f"lower --max-new-tokens to at most {limit - P}.")
+        ids, mask = pad_batch(rows, config.pad_token_id, "right")
+        new = generate_seq2seq(self.model, ids, mask, self.decoder_start_token_id, config, on_step=on_step)
+        return self._result(rows, new, config)
+
+
+def open_runner(folder: str | Path, settings: SessionSettings | None = None) -> _TextRunner:
+    """The runner that fits the folder: encoder-decoder or decoder-only."""
+    from .runtime_seq2seq import is_seq2seq_folder
+
+    return Seq2SeqRunner(folder, settings) if is_seq2seq_folder(folder) else ExportRunner(folder, settings)
 
 
 def generate_from_folder(folder: str | Path, prompts: list[str] | None = None, token_ids: list[str] | None = None,
@@ -204,7 +282,7 @@ def generate_from_folder(folder: str | Path, prompts: list[str] | None = None, t
     settings = SessionSettings(provider=provider, fallback=fallback, fp16=fp16, max_total_length=max_length)
     if max_batch is not None:
         settings.max_batch = max_batch
-    runner = ExportRunner(folder, settings)
+    runner = open_runner(folder, settings)
     overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stop:
         overrides["stop_token_ids"] = runner.default_config().stop_token_ids + tuple(runner.stop_ids(stop))

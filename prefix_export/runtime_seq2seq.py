@@ -11,7 +11,7 @@ import numpy as np
 
 from . import seq2seq_contract as contract
 from .errors import RuntimeSetupError
-from .runtime import _ORT_TO_NUMPY, create_session, pick_greedy
+from .runtime import _ORT_TO_NUMPY, create_session
 
 
 def is_seq2seq_folder(folder: str | Path) -> bool:
@@ -78,21 +78,42 @@ class OnnxSeq2Seq:
         return outputs[0], outputs[1:]
 
 
-def greedy_generate_seq2seq(model: OnnxSeq2Seq, input_ids: np.ndarray, attention_mask: np.ndarray,
-                            decoder_start_token_id: int, max_new_tokens: int,
-                            eos_token_id: int | None = None) -> np.ndarray:
-    """Greedy decoding with the KV cache; returns the new tokens (B, <= max_new_tokens)."""
+def generate_seq2seq(model: OnnxSeq2Seq, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     decoder_start_token_id: int, config, on_step=None) -> np.ndarray:
+    """Encoder once, then decoder steps with the KV cache: greedy or sampled (`config`, a
+    decoding.GenerationConfig); a row stops after a stop token and emits pad_token_id afterwards.
+    `input_ids`/`attention_mask` (B, S_enc), right-padded. Returns the new tokens (B, <= max_new_tokens)."""
+    from .decoding import Step
+    from .sampling import Sampler
+
     batch = input_ids.shape[0]
+    sampler = Sampler(config.sampling)
+    stops = np.array(sorted(config.stop_token_ids), np.int64)
     hidden = model.encode(input_ids, attention_mask)
     past = model.empty_past(batch)
     tokens = np.full((batch, 1), decoder_start_token_id, np.int64)
     generated, finished = [], np.zeros(batch, dtype=bool)
-    for _ in range(max_new_tokens):
+    for index in range(config.max_new_tokens):
         logits, past = model.decode(tokens, attention_mask, hidden, past)
         hidden = model.no_new_encoder_states(batch)  # cross K/V are in `past` from now on
-        next_tokens = pick_greedy(logits, finished, eos_token_id)
+        next_tokens = np.where(finished, config.pad_token_id, sampler(logits[:, -1]).astype(np.int64))
+        finished = finished | np.isin(next_tokens, stops)
         generated.append(next_tokens)
+        if on_step is not None:
+            on_step(Step(index, next_tokens, finished.copy()))
         if finished.all():
             break
         tokens = next_tokens[:, None]
     return np.stack(generated, axis=1)
+
+
+def greedy_generate_seq2seq(model: OnnxSeq2Seq, input_ids: np.ndarray, attention_mask: np.ndarray,
+                            decoder_start_token_id: int, max_new_tokens: int,
+                            eos_token_id: int | None = None) -> np.ndarray:
+    """Greedy decoding with the KV cache; rows that emitted eos keep emitting it."""
+    from .decoding import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens,
+                              stop_token_ids=(eos_token_id,) if eos_token_id is not None else (),
+                              pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    return generate_seq2seq(model, input_ids, attention_mask, decoder_start_token_id, config)

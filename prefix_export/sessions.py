@@ -54,12 +54,13 @@ def _first(value):
     return value[0] if isinstance(value, list) and value else value
 
 
-def read_facts(folder: str | Path) -> ExportFacts:
-    """Layout, P, position limit and special tokens of an export folder; clear error when it is not one."""
+def read_facts(folder: str | Path, graph: str | Path | None = None) -> ExportFacts:
+    """Layout, P, position limit and special tokens of an export folder; clear error when it is not one.
+    `graph`: which graph of the folder (an encoder-decoder folder has two; the decoder holds the prefix)."""
     from .graph import read_metadata
 
     folder = Path(folder)
-    graph = graph_path(folder)
+    graph = Path(graph) if graph is not None else graph_path(folder)
     metadata = read_metadata(graph)
     if contract.META_PREFIX_LENGTH not in metadata:
         raise RuntimeSetupError(f"{graph} has no {contract.META_PREFIX_LENGTH!r} metadata; it was not written by "

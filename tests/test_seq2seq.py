@@ -144,6 +144,15 @@ def test_seq2seq_family_matches_peft(tmp_path, model_dirs, model_type, projectio
     assert err <= 1e-4
     assert got == expected
 
+    # `prefix-export generate` runs the folder: PEFT's tokens, up to the first stop token (eos).
+    capsys.readouterr()
+    assert main(["generate", str(out), "--token-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
+                 str(GREEDY_TOKENS), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    cut = len(row["new_token_ids"])
+    assert row["new_token_ids"] == expected[:cut]
+    assert row["stop_token_id"] is None if cut == GREEDY_TOKENS else row["stop_token_id"] == expected[cut]
+
     if projection:  # `prefix-export validate OUT` rechecks a seq2seq folder the same way, and can fail
         assert validate_export(out).passed
         _tamper_with_prefix(out / "decoder_model.onnx")
@@ -216,3 +225,32 @@ def test_inspect_shows_the_seq2seq_plan(tmp_path, capsys):
     assert info["graphs"] == ["encoder_model.onnx", "decoder_model.onnx"]
     assert info["decoder graph inputs"][:3] == ["input_ids", "encoder_attention_mask", "encoder_hidden_states"]
     assert info["decoder graph inputs"][3].startswith("past_key_values.0.decoder.key ... past_key_values.1.encoder.value")
+
+
+def test_generate_runs_a_seq2seq_folder_batched_sampled_and_refuses_what_it_cannot(tmp_path, model_dirs, capsys):
+    """A batch of prompts of different lengths (right-padded for the encoder) gives each row's tokens
+    alone; sampling is reproducible with a seed; TensorRT and --prefix-kv are refused with a reason."""
+    from prefix_export.decoding import GenerationConfig
+    from prefix_export.generate import Seq2SeqRunner, open_runner
+
+    model_dir = model_dirs["bart"]
+    prefix = make_prefix(model_dir, tmp_path / "prefix", 4, projection=True, trained=True)
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--prefix", str(prefix), "--out", str(out), "-q"]) == 0
+    runner = open_runner(out)
+    assert isinstance(runner, Seq2SeqRunner) and runner.decoder_start_token_id == 2
+    rows = [PROMPT.tolist(), PROMPT[:3].tolist()]
+    config = GenerationConfig(max_new_tokens=8, stop_token_ids=(), pad_token_id=1)
+    together = runner.generate(token_ids=rows, config=config)["rows"]
+    for row, alone in zip(together, (runner.generate(token_ids=[r], config=config)["rows"][0] for r in rows)):
+        assert row["new_token_ids"] == alone["new_token_ids"]
+    sampled = GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=20, seed=3, stop_token_ids=())
+    first, second = (runner.generate(token_ids=rows, config=sampled)["rows"] for _ in range(2))
+    assert [r["new_token_ids"] for r in first] == [r["new_token_ids"] for r in second]
+
+    assert main(["generate", str(out), "--token-ids", "5,6", "--provider", "tensorrt"]) == 2
+    assert "encoder-decoder export" in capsys.readouterr().err
+    assert main(["generate", str(out), "--token-ids", "5,6", "--prefix-kv", str(out / "prefix_kv.safetensors")]) == 2
+    assert "--prefix-kv is for decoder-only exports" in capsys.readouterr().err
+    assert main(["generate", str(out), "--token-ids", "5,6", "--max-new-tokens", "200"]) == 2
+    assert "decoder positions" in capsys.readouterr().err
