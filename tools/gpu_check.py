@@ -26,10 +26,14 @@ the run), 6.6 minutes of device time together; `--bench` took 174 s, `--models '
 The wheel, carried in parts (a device call carries at most 64 MiB; the machine keeps /tmp while warm):
     here, once:  pip download onnxruntime-gpu==1.31.1 --no-deps --only-binary=:all: \
                      --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl/
-                 split -b 60m .whl/onnxruntime_gpu-*.whl .whl/parts/$(basename .whl/onnxruntime_gpu-*.whl).part-
-    then one device call per part but the last, each with carry [".whl/parts/NAME.part-aX"]:
+                 split -b 61m .whl/onnxruntime_gpu-*.whl .whl/parts/$(basename .whl/onnxruntime_gpu-*.whl).part-
+                 (the 256 MB wheel of 1.31.1 makes 4 parts; each call also carries the repository, about
+                 2.6 MiB, so 61 MiB parts stay under the limit only while the repository stays under 3 MiB)
+    then one device call per part but the last, back to back (a machine idle for 30 s is given back,
+    /tmp with it), each with carry [".whl/parts/NAME.part-aX"]:
                  bash tools/gpu_check.sh --stash-only
-    and the last part with the check itself:  bash tools/gpu_check.sh
+    and the last part with the check itself:  bash tools/gpu_check.sh [--bench]
+onnxruntime-gpu 1.31.1 on PyPI is built for CUDA 13 (its build info says so), which matches the image.
 The device image has CUDA 13 libraries (through PyTorch's nvidia-* packages); the CUDA provider of a
 wheel built for another CUDA major fails to load there, which this script reports (it does not hide
 it behind a CPU fallback).
