@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from tests_helpers import export_args, run_cli
+from tests_helpers import adapter_state, adapter_with_state, copy_adapter, export_args, run_cli
 from tiny_models import make_prefix, save_tiny_model, tiny_config
 
 
@@ -79,36 +79,25 @@ def test_prefix_model_mismatch_shows_both_sides(tmp_path, gpt2_dir, out, capsys,
 
 
 def test_truncated_safetensors(tmp_path, gpt2_dir, gpt2_adapter, out, capsys):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text((gpt2_adapter / "adapter_config.json").read_text())
     data = (gpt2_adapter / "adapter_model.safetensors").read_bytes()
-    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    broken = copy_adapter(gpt2_adapter, tmp_path / "broken", weights=data[: len(data) // 2])
     code, text = run_cli(export_args(gpt2_dir, broken, out), capsys)
     assert code == 2 and "truncated or corrupt" in text
     assert_nothing_written(out)
 
 
 def test_empty_weights_file(tmp_path, gpt2_dir, gpt2_adapter, out, capsys):
-    broken = tmp_path / "empty"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text((gpt2_adapter / "adapter_config.json").read_text())
-    (broken / "adapter_model.safetensors").write_bytes(b"")
+    broken = copy_adapter(gpt2_adapter, tmp_path / "empty", weights=b"")
     code, text = run_cli(export_args(gpt2_dir, broken, out), capsys)
     assert code == 2 and "empty" in text
     assert_nothing_written(out)
 
 
 def test_nan_in_prefix(tmp_path, gpt2_dir, gpt2_adapter, out, capsys):
-    from safetensors.torch import load_file, save_file
-
-    bad = tmp_path / "nan"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text((gpt2_adapter / "adapter_config.json").read_text())
-    state = load_file(str(gpt2_adapter / "adapter_model.safetensors"))
+    state = adapter_state(gpt2_adapter)
     state["prompt_embeddings"][0, 3] = float("nan")
     state["prompt_embeddings"][1, 0] = float("inf")
-    save_file(state, str(bad / "adapter_model.safetensors"))
+    bad = adapter_with_state(gpt2_adapter, tmp_path / "nan", state)
     code, text = run_cli(export_args(gpt2_dir, bad, out), capsys)
     assert code == 2 and "2 NaN/Inf values" in text
     assert_nothing_written(out)

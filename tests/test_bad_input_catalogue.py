@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from prefix_export.cli import main
-from tests_helpers import export_args, run_cli
+from tests_helpers import adapter_state, adapter_with_state, copy_adapter, export_args, run_cli
 from tiny_models import make_prefix, save_tiny_model, tiny_config
 
 
@@ -46,29 +46,6 @@ def assert_refused(code, text, out, *patterns):
         assert re.search(pattern, text), f"{pattern!r} not in:\n{text}"
     assert "Traceback" not in text
     assert listing(out) == [], f"bad input left {listing(out)} behind"
-
-
-def copy_adapter(src: Path, dst: Path, weights: bytes | None = None, config: dict | None = None) -> Path:
-    dst.mkdir(parents=True)
-    text = (src / "adapter_config.json").read_text()
-    (dst / "adapter_config.json").write_text(json.dumps(config) if config is not None else text)
-    (dst / "adapter_model.safetensors").write_bytes(
-        weights if weights is not None else (src / "adapter_model.safetensors").read_bytes())
-    return dst
-
-
-def adapter_with_state(src: Path, dst: Path, state: dict) -> Path:
-    from safetensors.torch import save_file
-
-    copy_adapter(src, dst)
-    save_file(state, str(dst / "adapter_model.safetensors"))
-    return dst
-
-
-def adapter_state(src: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(src / "adapter_model.safetensors"))
 
 
 @pytest.fixture

@@ -39,3 +39,30 @@ def run_cli(args, capsys):
 def export_args(model, prefix, out, *extra):
     """CLI arguments exporting `model` + `prefix` to `out/export`, quietly."""
     return ["--model", model, "--prefix", prefix, "--out", out / "export", "-q", *extra]
+
+
+# ---- broken or altered copies of a PEFT adapter folder (bad-input tests) ----------------------------
+
+
+def copy_adapter(src: Path, dst: Path, weights: bytes | None = None, config: dict | None = None) -> Path:
+    """A copy of adapter folder `src` at `dst`, with other weight bytes and/or another config if given."""
+    dst.mkdir(parents=True)
+    text = (src / "adapter_config.json").read_text()
+    (dst / "adapter_config.json").write_text(json.dumps(config) if config is not None else text)
+    (dst / "adapter_model.safetensors").write_bytes(
+        weights if weights is not None else (src / "adapter_model.safetensors").read_bytes())
+    return dst
+
+
+def adapter_with_state(src: Path, dst: Path, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    copy_adapter(src, dst)
+    save_file(state, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def adapter_state(src: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(src / "adapter_model.safetensors"))
