@@ -100,6 +100,14 @@ def describe(config) -> ArchSpec:
     return _REGISTRY[model_type](config)
 
 
+def _multi_head(model_type: str, layers: int, heads: int, hidden: int, vocab: int, positions: str,
+                max_positions: int | None, **extra) -> ArchSpec:
+    """Plain multi-head attention: every head has its own K/V, each hidden / heads wide."""
+    return ArchSpec(model_type=model_type, num_layers=layers, num_attention_heads=heads, num_kv_heads=heads,
+                    head_dim=hidden // heads, hidden_size=hidden, vocab_size=vocab, positions=positions,
+                    max_positions=max_positions, **extra)
+
+
 def _head_dim(config, hidden_size: int, heads: int) -> int:
     explicit = getattr(config, "head_dim", None)
     return int(explicit) if explicit else hidden_size // heads
@@ -107,56 +115,41 @@ def _head_dim(config, hidden_size: int, heads: int) -> int:
 
 @register("gpt2")
 def _gpt2(config) -> ArchSpec:
-    return ArchSpec(
-        model_type="gpt2", num_layers=config.n_layer, num_attention_heads=config.n_head, num_kv_heads=config.n_head,
-        head_dim=config.n_embd // config.n_head, hidden_size=config.n_embd, vocab_size=config.vocab_size,
-        positions="learned", max_positions=config.n_positions)
+    return _multi_head("gpt2", config.n_layer, config.n_head, config.n_embd, config.vocab_size, "learned",
+                       config.n_positions)
 
 
 @register("gpt_neo")
 def _gpt_neo(config) -> ArchSpec:
     # Alternating global/local layers; local layers attend to the last `window_size` positions.
     local = "local" in set(config.attention_layers)
-    return ArchSpec(
-        model_type="gpt_neo", num_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_kv_heads=config.num_heads, head_dim=config.hidden_size // config.num_heads,
-        hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="learned",
-        max_positions=config.max_position_embeddings, sliding_window=config.window_size if local else None)
+    return _multi_head("gpt_neo", config.num_layers, config.num_heads, config.hidden_size, config.vocab_size,
+                       "learned", config.max_position_embeddings,
+                       sliding_window=config.window_size if local else None)
 
 
 @register("gptj")
 def _gptj(config) -> ArchSpec:
-    return ArchSpec(
-        model_type="gptj", num_layers=config.n_layer, num_attention_heads=config.n_head, num_kv_heads=config.n_head,
-        head_dim=config.n_embd // config.n_head, hidden_size=config.n_embd, vocab_size=config.vocab_size,
-        positions="rotary", max_positions=None)
+    return _multi_head("gptj", config.n_layer, config.n_head, config.n_embd, config.vocab_size, "rotary", None)
 
 
 @register("gpt_neox")
 def _gpt_neox(config) -> ArchSpec:
-    return ArchSpec(
-        model_type="gpt_neox", num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_kv_heads=config.num_attention_heads, head_dim=config.hidden_size // config.num_attention_heads,
-        hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="rotary", max_positions=None)
+    return _multi_head("gpt_neox", config.num_hidden_layers, config.num_attention_heads, config.hidden_size,
+                       config.vocab_size, "rotary", None)
 
 
 @register("opt")
 def _opt(config) -> ArchSpec:
     # OPT's learned table has max_position_embeddings rows after its offset of 2.
-    return ArchSpec(
-        model_type="opt", num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_kv_heads=config.num_attention_heads, head_dim=config.hidden_size // config.num_attention_heads,
-        hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="learned",
-        max_positions=config.max_position_embeddings)
+    return _multi_head("opt", config.num_hidden_layers, config.num_attention_heads, config.hidden_size,
+                       config.vocab_size, "learned", config.max_position_embeddings)
 
 
 @register("bloom")
 def _bloom(config) -> ArchSpec:
     # ALiBi: the bias comes from the attention mask, so the P prepended ones place the prefix.
-    return ArchSpec(
-        model_type="bloom", num_layers=config.n_layer, num_attention_heads=config.n_head, num_kv_heads=config.n_head,
-        head_dim=config.hidden_size // config.n_head, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-        positions="alibi", max_positions=None)
+    return _multi_head("bloom", config.n_layer, config.n_head, config.hidden_size, config.vocab_size, "alibi", None)
 
 
 @register("falcon")
@@ -203,12 +196,9 @@ for _type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"):
 @register("bart")
 def _bart(config) -> ArchSpec:
     # Learned positions with BART's offset of 2: the table has max_position_embeddings usable rows.
-    return ArchSpec(
-        model_type="bart", num_layers=config.decoder_layers, num_attention_heads=config.decoder_attention_heads,
-        num_kv_heads=config.decoder_attention_heads, head_dim=config.d_model // config.decoder_attention_heads,
-        hidden_size=config.d_model, vocab_size=config.vocab_size, positions="learned",
-        max_positions=config.max_position_embeddings, family=FAMILY_SEQ2SEQ,
-        num_encoder_layers=config.encoder_layers, decoder_start_token_id=config.decoder_start_token_id)
+    return _multi_head("bart", config.decoder_layers, config.decoder_attention_heads, config.d_model,
+                       config.vocab_size, "learned", config.max_position_embeddings, family=FAMILY_SEQ2SEQ,
+                       num_encoder_layers=config.encoder_layers, decoder_start_token_id=config.decoder_start_token_id)
 
 
 @register("t5")
