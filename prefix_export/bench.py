@@ -498,6 +498,13 @@ def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file
     from .decoding import load_prefix_file
 
     prefix = load_prefix_file(prefix_file) if prefix_file is not None else None
+
+    def cache_validated(variant) -> bool:
+        return bool((variant.info.get("cache_layout_validation") or {}).get("passed"))
+
+    # With a validated fused base graph, the plain one is not run as the cache layout: whether fusing
+    # pays is already measured on these very graphs by the bare "base" rows.
+    fused_cache = any(v.kind == "base" and v.precision == "fp32+fused" and cache_validated(v) for v in variants)
     backends = []
     fp32_weights = next(v.weights_read for v in variants if v.kind == "export")
     # Eager runs where the providers run: on the CPU, and on the GPU when a GPU provider is asked for.
@@ -521,12 +528,8 @@ def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file
                 continue
             backends.append(Backend(variant.name + suffix, "base", "-", variant.precision, provider, variant.graph,
                                     variant.weights_read, 0, variant.build_s))
-            validated = variant.precision == "int8" or (variant.info.get("cache_layout_validation") or {}).get("passed")
-            # With a validated fused base graph, the plain one is not run as the cache layout: whether
-            # fusing pays is already measured on these very graphs by the bare "base" rows.
-            superseded = variant.precision == "fp32" and any(
-                v.kind == "base" and v.precision == "fp32+fused"
-                and (v.info.get("cache_layout_validation") or {}).get("passed") for v in variants)
+            validated = variant.precision == "int8" or cache_validated(variant)
+            superseded = variant.precision == "fp32" and fused_cache
             if settings.cache_layout and prefix is not None and export_layout != "cache" and validated \
                     and not superseded:
                 cache_runs.append(Backend(f"export[cache] {variant.precision}{suffix}", "export", "cache",
@@ -587,8 +590,9 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()},
               "machine": machine_info(), "versions": library_versions(), "load_average_before": load_average(),
               "threads": threads, "notes": []}
+    report = read_report(Path(export_dir)) if export_dir is not None else {}  # an existing export's
+    export_layout = report.get("layout", "folded")
     if export_dir is not None:
-        report = read_report(Path(export_dir))
         model = model or report.get("inputs", {}).get("model")
         prefix = prefix or report.get("inputs", {}).get("prefix")
     if model is None or prefix is None or prefix == "<in-memory>":
@@ -627,8 +631,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
             export_s = exported.report["timing_s"]["export"]
         else:
             graph_file = graph_path(export_dir)
-            export_s = read_report(Path(export_dir)).get("timing_s", {}).get("export")
-        export_layout = read_report(Path(export_dir)).get("layout", "folded") if export_dir is not None else "folded"
+            export_s = report.get("timing_s", {}).get("export")
         spec = base.spec if base is not None else None
         P = int(_graph_meta(graph_file).get(contract.META_PREFIX_LENGTH, 0))
         fp32 = Variant("export fp32", graph_file, "export", "fp32", export_s or 0.0)
