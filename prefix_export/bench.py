@@ -941,8 +941,9 @@ def _eager_matches(rows) -> dict | None:
         if row["kind"] != "eager":
             continue
         suffix = row["backend"][len("eager (PEFT, PyTorch)"):]  # "" or " [cuda]"
-        ours = _pick(rows, "export fp32" + suffix, (row["batch"], row["context"])) \
-            or _pick(rows, "export fp32", (row["batch"], row["context"]))
+        config = (row["batch"], row["context"])
+        ours = next((found for name in ("export fp32" + suffix, "export[cache] fp32" + suffix, "export fp32")
+                     if (found := _pick(rows, name, config)) is not None), None)
         if ours is not None:
             a, b = row["tokens_row0"], ours["tokens_row0"]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

@@ -179,3 +179,19 @@ def test_backends_on_a_gpu_provider_run_eager_there_and_keep_int8_on_the_cpu(tmp
         assert bench.measure_gpu_bandwidth(8) is None
         no_gpu = bench._backends(variants, settings, object(), 3, prefix_file, "folded", False)
         assert not any(b.provider == "torch:cuda" for b in no_gpu)
+
+
+def test_bench_on_a_cache_layout_export_folder(tmp_path, gpt2_dir, gpt2_adapter):
+    """`bench OUT_DIR` on a --layout cache export feeds its prefix, validates it as such, and checks the
+    eager baseline's tokens against it."""
+    folder = tmp_path / "cache"
+    assert cli.main(["-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(folder),
+                     "--layout", "cache"]) == 0
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "-q", str(folder), "--out", str(out), "--batch-sizes", "1", "--contexts", "4",
+                     "--new-tokens", "4", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "1"]) == 0
+    result = json.loads((out / bench.BENCH_JSON).read_text())
+    assert {r["backend"] for r in result["rows"]} == {"eager (PEFT, PyTorch)", "export[cache] fp32", "base fp32"}
+    assert next(v for v in result["variants"] if v["name"] == "export fp32")["validation"]["passed"]
+    assert result["eager_matches_export"] == {"B=1 C=4": "4/4 leading tokens equal"}
+    assert result["targets"]["layout"] == "cache"
