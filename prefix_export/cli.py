@@ -24,7 +24,7 @@ log = logging.getLogger("prefix_export")
 
 def _tolerances(values: list[str] | None, default: float | None):
     """`--atol 1e-4` and/or `--atol logits=1e-3 --atol 'present.*=2e-4'`."""
-    from .validate import Tolerances
+    from .validate.report import Tolerances
 
     if not values and default is None:
         return None
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--agreement-model", help="embedded-style model folder (base/, prefix/, test_split.jsonl) "
                                                  "for the int8 agreement check (default models/default if present)")
     bench.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer for the bandwidth measurement")
+    bench.add_argument("--targets", metavar="JSON",
+                       help="targets to check the headline config against, e.g. tools/bench_targets.json "
+                            "({name: limit}); default: none")
     return parser
 
 
@@ -166,6 +169,10 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     # The exporter's own chatter (every folded constant) is noise at any level we show.
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    # ONNX Runtime's transformer optimizer (bench --optimize) warns "shape inference failed" for every
+    # dynamo graph it reads; its fusions work regardless, so these are shown only with -v.
+    for noisy in ("onnx_model", "fusion_base", "onnxruntime.transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 1 else logging.INFO)
     # "torchvision is not installed. Skipping torchvision::nms" and friends: irrelevant here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     if verbose < 2:
@@ -230,7 +237,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate_from_folder
+    from .runtime.generate import generate_from_folder
 
     streaming = not args.json and len(args.prompt or args.token_ids or []) == 1
     shown = {"tokens": []}
@@ -251,10 +258,10 @@ def cmd_generate(args) -> int:
             print(shown["tokens"][-1], end=" ", flush=True)
 
     if streaming and args.prompt:
-        from .generate import load_tokenizer
+        from .folder import ExportFolder
+        from .runtime.generate import load_tokenizer
 
-        folder = Path(args.out_dir)
-        shown["tokenizer"] = load_tokenizer(folder.parent if folder.is_file() else folder)
+        shown["tokenizer"] = load_tokenizer(ExportFolder.open(args.out_dir))
         if shown["tokenizer"] is None:
             streaming = False
     result = generate_from_folder(
@@ -273,7 +280,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import inspect_export_plan
+    from .source.plan import inspect_export_plan
 
     info = inspect_export_plan(args.model, args.prefix, args.prefix_config)
     if args.json:
@@ -288,8 +295,11 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchSettings, format_table, run_bench
+    from .bench.report import format_table
+    from .bench.run import BenchSettings, check_extras, load_targets, run_bench
     from .errors import InputError
+
+    check_extras()  # before any work: a missing extra must not cost a run
 
     def ints(text: str) -> tuple[int, ...]:
         try:
@@ -305,7 +315,8 @@ def cmd_bench(args) -> int:
                              optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
                              cache_layout=not args.no_cache_layout,
                              threads=args.threads, bandwidth_mb=args.bandwidth_mb,
-                             agreement_model=Path(agreement) if agreement else None)
+                             agreement_model=Path(agreement) if agreement else None,
+                             targets=load_targets(args.targets) if args.targets else None)
     result = run_bench(args.out, model=args.model, prefix=args.prefix, export_dir=args.export_dir,
                        settings=settings, progress=not args.quiet and not args.json)
     print(json.dumps(result, indent=2) if args.json else format_table(result))

@@ -1,6 +1,9 @@
 """Tiny local models and prefixes: nothing comes from a hub (HF_HUB_OFFLINE=1)."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
 import os
 
@@ -72,3 +75,29 @@ def exports(tmp_path_factory, lively_model, adapters):
                      "--layout", "cache", "-q"])
     assert code == 0
     return {"folded": root / "folded", "cache": root / "cache"}
+
+
+# ---- bad input: an empty output parent that must stay empty; files that cannot be opened ----------
+
+
+@pytest.fixture
+def out(tmp_path):
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    return parent
+
+
+@pytest.fixture
+def deny_open(monkeypatch):
+    """deny_open(path): opening `path` raises PermissionError, as for a mode-000 file and a non-root user."""
+    denied: set[str] = set()
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(os.fspath(file)) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)  # pathlib's read_text/open go through io.open
+    return lambda path: denied.add(os.path.abspath(path))

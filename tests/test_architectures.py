@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prefix_export import architectures
+from prefix_export.source import architectures
 from prefix_export.api import export_prefix_model
 from prefix_export.cli import main
-from test_export_parity import PROMPT, ort_greedy, peft_greedy
+from tests_helpers import PROMPT, ort_greedy, peft_greedy
 from tiny_models import TINY_CONFIGS, make_prefix, save_tiny_model, tiny_config
 
 REGISTERED = architectures.supported_model_types()

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import fcntl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from prefix_export import output
+from prefix_export.export import output
 from prefix_export.errors import OutputError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import check_atomic_kill  # noqa: E402
+import check_atomic_kill  # tools/, on pytest's pythonpath (pyproject.toml)
 
 
 def test_sigkill_at_random_moments_never_leaves_a_partial_folder(tmp_path, gpt2_dir, gpt2_adapter):

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from prefix_export import bench, cli
+from prefix_export import cli
+from prefix_export.bench import probes, report, run
+from prefix_export.bench.variants import Variant
+
+TARGETS = Path(__file__).resolve().parents[1] / "tools" / "bench_targets.json"
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +25,10 @@ def bench_run(tmp_path_factory, gpt2_dir, gpt2_adapter):
     out = tmp_path_factory.mktemp("bench")
     code = cli.main(["bench", "-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out),
                      "--batch-sizes", "1,2", "--contexts", "4,8", "--new-tokens", "4", "--optimize",
-                     "--precision", "int8", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2"])
+                     "--precision", "int8", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2",
+                     "--targets", str(TARGETS)])
     assert code == 0
-    return out, json.loads((out / bench.BENCH_JSON).read_text())
+    return out, json.loads((out / run.BENCH_JSON).read_text())
 
 
 def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
@@ -106,16 +112,16 @@ def test_bench_plot_and_table(bench_run):
     import matplotlib.image
 
     out, result = bench_run
-    png = out / bench.BENCH_PNG
+    png = out / run.BENCH_PNG
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(str(png))
     assert image.shape[0] > 200 and image.shape[1] > 400
-    table = bench.format_table(result)
+    table = report.format_table(result)
     assert "eager (PEFT, PyTorch)" in table and "x floor" in table and "targets (B=1, ctx=8" in table
 
 
 def test_bandwidth_is_positive_and_documented():
-    measured = bench.measure_bandwidth(size_mb=8, passes=2, threads=2)
+    measured = probes.measure_bandwidth(size_mb=8, passes=2, threads=2)
     assert measured["gb_per_s"] > 0 and len(measured["passes_gb_per_s"]) == 3
     assert "np.dot" in measured["method"]
 
@@ -128,7 +134,7 @@ def test_bench_rejects_missing_inputs(tmp_path, capsys):
 
 
 def test_agreement_counts_top1_positions():
-    from prefix_export.optimize import agreement
+    from prefix_export.compile.passes import agreement
 
     class Fixed:
         """A stand-in decoder whose next token is (token + shift) % V."""
@@ -158,13 +164,13 @@ def test_backends_on_a_gpu_provider_run_eager_there_and_keep_int8_on_the_cpu(tmp
     prefix_file = tmp_path / "prefix_kv.safetensors"
     save_file({"prefix_kv": np.zeros((2, 2, 4, 3, 8), np.float32)}, str(prefix_file))
     passed = {"cache_layout_validation": {"passed": True}}
-    variants = [bench.Variant("export fp32", tmp_path / "e.onnx", "export", "fp32", 1.0, weights_read=10),
-                bench.Variant("base fp32", tmp_path / "b.onnx", "base", "fp32", 1.0, dict(passed), weights_read=10),
-                bench.Variant("base fp32+fused", tmp_path / "bf.onnx", "base", "fp32+fused", 1.0, dict(passed),
+    variants = [Variant("export fp32", tmp_path / "e.onnx", "export", "fp32", 1.0, weights_read=10),
+                Variant("base fp32", tmp_path / "b.onnx", "base", "fp32", 1.0, dict(passed), weights_read=10),
+                Variant("base fp32+fused", tmp_path / "bf.onnx", "base", "fp32+fused", 1.0, dict(passed),
                               weights_read=10),
-                bench.Variant("base int8", tmp_path / "b8.onnx", "base", "int8", 1.0, weights_read=3)]
-    settings = bench.BenchSettings(providers=("cpu", "cuda"))
-    backends = {b.name: b for b in bench._backends(variants, settings, object(), 3, prefix_file, "folded", True)}
+                Variant("base int8", tmp_path / "b8.onnx", "base", "int8", 1.0, weights_read=3)]
+    settings = run.BenchSettings(providers=("cpu", "cuda"))
+    backends = {b.name: b for b in run._backends(variants, settings, object(), 3, prefix_file, "folded", True)}
     assert set(backends) == {"eager (PEFT, PyTorch)", "eager (PEFT, PyTorch) [cuda]", "export fp32",
                              "export fp32 [cuda]", "base fp32", "base fp32 [cuda]", "base fp32+fused",
                              "base fp32+fused [cuda]", "base int8", "export[cache] fp32+fused",
@@ -176,8 +182,8 @@ def test_backends_on_a_gpu_provider_run_eager_there_and_keep_int8_on_the_cpu(tmp
     import torch
 
     if not torch.cuda.is_available():
-        assert bench.measure_gpu_bandwidth(8) is None
-        no_gpu = bench._backends(variants, settings, object(), 3, prefix_file, "folded", False)
+        assert probes.measure_gpu_bandwidth(8) is None
+        no_gpu = run._backends(variants, settings, object(), 3, prefix_file, "folded", False)
         assert not any(b.provider == "torch:cuda" for b in no_gpu)
 
 
@@ -190,8 +196,38 @@ def test_bench_on_a_cache_layout_export_folder(tmp_path, gpt2_dir, gpt2_adapter)
     out = tmp_path / "bench"
     assert cli.main(["bench", "-q", str(folder), "--out", str(out), "--batch-sizes", "1", "--contexts", "4",
                      "--new-tokens", "4", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "1"]) == 0
-    result = json.loads((out / bench.BENCH_JSON).read_text())
+    result = json.loads((out / run.BENCH_JSON).read_text())
     assert {r["backend"] for r in result["rows"]} == {"eager (PEFT, PyTorch)", "export[cache] fp32", "base fp32"}
     assert next(v for v in result["variants"] if v["name"] == "export fp32")["validation"]["passed"]
     assert result["eager_matches_export"] == {"B=1 C=4": "4/4 leading tokens equal"}
     assert result["targets"]["layout"] == "cache"
+
+
+def test_bench_without_matplotlib_refuses_before_any_work(tmp_path, gpt2_dir, gpt2_adapter, capsys, monkeypatch):
+    """A missing `bench` extra is named at once (exit 2), not after minutes of measuring."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "matplotlib" in err and 'pip install -e ".[bench]"' in err
+    assert not out.exists(), "bench did work before refusing"
+
+
+def test_plot_of_a_single_configuration_shows_bars_and_the_floor():
+    """One context: a bar per backend and the floor as a line (a line plot over one point shows nothing)."""
+    import matplotlib.pyplot as plt
+
+    rows = [{"backend": name, "kind": kind, "layout": layout, "precision": "fp32", "provider": "cpu", "batch": 1,
+             "context": 32, "decode_p50_ms": ms, "floor_ms": 5.0}
+            for name, kind, layout, ms in (("export fp32", "export", "folded", 9.0), ("base fp32", "base", "-", 8.0))]
+    fig = report.plot_figure({"rows": rows, "machine": {}, "bandwidth": {}})
+    ax = fig.axes[0]
+    assert [round(p.get_height(), 1) for p in ax.patches] == [9.0, 8.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["export fp32", "base fp32"]
+    floor = [line for line in ax.get_lines() if line.get_label() == "fp32 bandwidth floor"]
+    assert len(floor) == 1 and set(floor[0].get_ydata()) == {5.0}
+    plt.close(fig)

@@ -9,7 +9,7 @@ import pytest
 
 from prefix_export.api import export_prefix_model
 from prefix_export.cli import main
-from prefix_export.prefix_kv import PrefixKV
+from prefix_export.source.prefix_kv import PrefixKV
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
 EXAMPLES = json.loads((DEFAULT / "examples.json").read_text())

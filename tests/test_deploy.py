@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from prefix_export import architectures
+from prefix_export.source import architectures
 from prefix_export.api import export_prefix_model
-from prefix_export.genai import GENAI_CONFIG_FILE, context_length
-from prefix_export.runtime import OnnxDecoder, create_session, greedy_generate
-from prefix_export.validate import Tolerances
+from prefix_export.deploy.genai import GENAI_CONFIG_FILE, context_length
+from prefix_export.runtime.decoder import OnnxDecoder
+from prefix_export.runtime.loop import greedy_generate
+from prefix_export.runtime.sessions import create_session
+from prefix_export.validate.report import Tolerances
 from tiny_models import TINY_CONFIGS, make_prefix, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +200,7 @@ class Cases:
 
             prompt = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL / "base"))(TEXT)["input_ids"]
             return _build_case(name, DEFAULT_MODEL / "base", DEFAULT_MODEL / "prefix", folder / "out", prompt)
-        assert name in TINY_CONFIGS, f"{name} is registered but has no tiny config in tests/tiny_models.py"
+        assert name in TINY_CONFIGS, f"{name} is registered but has no tiny config in tools/tiny_models.py"
         _tiny_varied_case(name, folder / "model", folder / "prefix")
         _save_tiny_tokenizer(folder / "model")
         return _build_case(name, folder / "model", folder / "prefix", folder / "out", PROMPT)

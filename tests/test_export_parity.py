@@ -6,15 +6,14 @@ not the package's runtime code, so a bug in either cannot hide behind the other.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from prefix_export.api import export_prefix_model
+from tests_helpers import PROMPT, ort_greedy, peft_greedy
 from tiny_models import make_prefix
 
 GREEDY_TOKENS = 32
-PROMPT = np.array([5, 17, 42, 9, 64, 3, 77], dtype=np.int64)
 
 CASES = [  # (P, projection, trained, checkpoint kind): covers each setting at least once
     pytest.param(1, False, False, "peft_adapter", id="P1-noproj-random-adapter"),
@@ -22,47 +21,6 @@ CASES = [  # (P, projection, trained, checkpoint kind): covers each setting at l
     pytest.param(10, True, True, "raw_safetensors", id="P10-proj-trained-raw_safetensors"),
     pytest.param(7, False, True, "raw_pt", id="P7-noproj-trained-raw_pt"),
 ]
-
-
-def peft_greedy(peft_model, prompt: np.ndarray, steps: int):
-    """Greedy on PEFT's forward, whole sequence each step. Returns tokens and first-step logits."""
-    tokens = torch.from_numpy(prompt)[None]
-    new, first_logits = [], None
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = peft_model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[0, -1]
-            if first_logits is None:
-                first_logits = logits.numpy()
-            next_token = int(logits.argmax())
-            new.append(next_token)
-            tokens = torch.cat([tokens, torch.tensor([[next_token]])], dim=1)
-    return new, first_logits
-
-
-def ort_greedy(graph_path, prompt: np.ndarray, steps: int):
-    """A plain ORT loop following the contract: user tokens only, positions from 0, presents fed back."""
-    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
-    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    feeds = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts}
-    ids = prompt[None]
-    mask = np.ones((1, len(prompt)), np.int64)
-    positions = np.arange(len(prompt), dtype=np.int64)[None]
-    output_names = [o.name for o in session.get_outputs()]
-    new, first_logits = [], None
-    for _ in range(steps):
-        feeds.update(input_ids=ids, attention_mask=mask, position_ids=positions)
-        outputs = dict(zip(output_names, session.run(None, feeds)))
-        logits = outputs["logits"][0, -1]
-        if first_logits is None:
-            first_logits = logits
-        next_token = int(logits.argmax())
-        new.append(next_token)
-        for past in pasts:
-            feeds[past.name] = outputs[past.name.replace("past_key_values", "present")]
-        ids = np.array([[next_token]], np.int64)
-        positions = positions[:, -1:] + 1
-        mask = np.concatenate([mask, [[1]]], axis=1)
-    return new, first_logits
 
 
 @pytest.mark.parametrize("num_virtual_tokens, projection, trained, kind", CASES)
@@ -105,12 +63,12 @@ def test_export_folder_is_self_contained(tmp_path, gpt2_dir, gpt2_adapter):
     assert report["validation"]["passed"] is True
     assert report["prefix"]["shape"] == [2, 2, 4, 4, 8]
     assert set(report["outputs"]["sha256"]) >= {"model.onnx", "prefix_kv.safetensors"}
-    from prefix_export.graph import read_metadata
+    from prefix_export.folder import read_metadata
 
     metadata = read_metadata(result.graph)
     assert metadata["prefix_export.num_virtual_tokens"] == "4"
     assert "peft" in metadata["prefix_export.versions"]
-    from prefix_export.prefix_kv import PrefixKV
+    from prefix_export.source.prefix_kv import PrefixKV
 
     kv = PrefixKV.load(result.folder / "prefix_kv.safetensors")
     assert tuple(kv.tensor.shape) == (2, 2, 4, 4, 8)

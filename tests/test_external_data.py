@@ -8,8 +8,10 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from prefix_export.api import check_hashes, export_prefix_model, read_report
-from prefix_export.runtime import OnnxDecoder, create_session
+from prefix_export.api import export_prefix_model
+from prefix_export.folder import ExportFolder
+from prefix_export.runtime.decoder import OnnxDecoder
+from prefix_export.runtime.sessions import create_session
 
 
 def _prefill_logits(graph):
@@ -38,6 +40,6 @@ def test_forced_external_data_is_self_contained(tmp_path, gpt2_dir, gpt2_adapter
     moved.parent.mkdir()
     shutil.move(str(result.folder), str(moved))
     assert not (tmp_path / "out").exists()
-    assert check_hashes(moved, read_report(moved)) == []
+    assert ExportFolder.open(moved).check_hashes() == []
     onnx.checker.check_model(str(moved / "model.onnx"))
     np.testing.assert_array_equal(_prefill_logits(moved / "model.onnx"), before)

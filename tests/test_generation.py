@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from prefix_export.cli import main
-from prefix_export.decoding import GenerationConfig, load_prefix_file
-from prefix_export.generate import ExportRunner
-from prefix_export.graph import read_metadata
+from prefix_export.folder import read_prefix_file as load_prefix_file
+from prefix_export.runtime.loop import GenerationConfig
+from prefix_export.runtime.generate import ExportRunner
+from prefix_export.folder import read_metadata
 
 PROMPTS = [[5, 17, 42, 9, 64, 3, 77], [11, 2], [90, 33, 7, 120]]
 NEW = 12
@@ -23,9 +24,9 @@ NEW = 12
 @pytest.fixture(scope="module")
 def prefix_files(tmp_path_factory, lively_model, adapters):
     """prefix_kv.safetensors for B and C, computed by the package from the adapters (no export)."""
-    from prefix_export.base_model import load_base_model
-    from prefix_export.checkpoint import load_prefix_checkpoint
-    from prefix_export.prefix_kv import build_peft_model, compute_prefix_kv
+    from prefix_export.source.base_model import load_base_model
+    from prefix_export.source.checkpoint import load_prefix_checkpoint
+    from prefix_export.source.prefix_kv import build_peft_model, compute_prefix_kv
 
     root = tmp_path_factory.mktemp("prefix_kv")
     base = load_base_model(str(lively_model))
@@ -89,12 +90,12 @@ def test_batched_left_padded_equals_rows_alone(exports, layout, io_binding):
 
 def test_bound_cache_matches_host_logits(exports):
     """The IO-binding path (buffers allocated once, ping-pong) computes what plain session.run computes."""
-    from prefix_export.decoding import BoundKV, HostKV
+    from prefix_export.runtime.loop import BoundKV, HostKV
 
-    engine = ExportRunner(exports["cache"]).engine
-    past, prefix_mask, _ = engine.initial_state(1, None)
+    decoder = ExportRunner(exports["cache"]).engine.decoder
+    past, prefix_mask, _ = decoder.first_past(1)
     P, S, steps = prefix_mask.shape[1], len(PROMPTS[0]), 6
-    host, bound = HostKV(engine, past, 1, P + S + steps), BoundKV(engine, past, 1, P + S + steps)
+    host, bound = HostKV(decoder, past, 1, P + S + steps), BoundKV(decoder, past, 1, P + S + steps)
     assert bound.buffers[0][0].shape() == [1 * 4 * (P + S + steps) * 8]  # B * H_kv * T_max * D, allocated once
     mask = np.ones((1, P + S + steps), np.int64)
     tokens, positions = np.array([PROMPTS[0]], np.int64), np.arange(S, dtype=np.int64)[None] + P
@@ -135,7 +136,7 @@ def test_sampling_seeded_and_truncated(exports):
 
 
 def test_sampler_top_k_top_p_sets():
-    from prefix_export.sampling import Sampler, SamplingConfig
+    from prefix_export.runtime.sampling import Sampler, SamplingConfig
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
     top_k = Sampler(SamplingConfig(temperature=1.0, top_k=2, seed=0))(logits)
@@ -190,9 +191,9 @@ def test_cli_generate_json_per_row_prefixes(exports, prefix_files, capsys):
 
 
 def _batch(rows):
-    from prefix_export.generate import left_pad
+    from prefix_export.runtime.decoder import pad_batch
 
-    return left_pad(rows, 0)
+    return pad_batch(rows, 0, "left")
 
 
 def test_validate_command_on_cache_layout(exports, prefix_files, tmp_path, capsys):
@@ -226,3 +227,13 @@ def test_cache_layout_on_a_rotary_multi_query_model(tmp_path):
     batched = greedy(runner, rows, steps=8)
     assert batched == [greedy(runner, [r], steps=8)[0] for r in rows]
     assert batched[0] == peft_greedy(tmp_path / "model", tmp_path / "prefix", rows[0], steps=8)
+
+
+def test_token_id_outside_the_vocabulary_exits_2_naming_its_size(exports, capsys):
+    code = main(["generate", str(exports["folded"]), "--token-ids", "1,2,99999"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "InputError" in err and "[99999]" in err and "vocabulary of 128 tokens" in err
+    assert "Traceback" not in err
+    assert main(["generate", str(exports["cache"]), "--token-ids=-1,2"]) == 2
+    assert "vocabulary of 128 tokens" in capsys.readouterr().err

@@ -17,7 +17,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from prefix_export import architectures  # noqa: E402
+from prefix_export.source import architectures  # noqa: E402
 from prefix_export.api import export_prefix_model  # noqa: E402
 from prefix_export.errors import MismatchError, PrefixExportError  # noqa: E402
 from tiny_models import make_prefix, save_tiny_model  # noqa: E402
@@ -61,11 +61,12 @@ def _config(c):
 @example(dict(model_type="gpt2", layers=1, heads=2, kv_heads=2, head_dim=4, positions=8, P=8, projection=True,
               lengths=(3,)))  # P fills the whole position table: must be refused
 def test_random_configuration_exports_and_validates_or_fails_typed(c):
-    from prefix_export.base_model import load_base_model
-    from prefix_export.checkpoint import load_prefix_checkpoint
-    from prefix_export.prefix_kv import build_peft_model
-    from prefix_export.runtime import OnnxDecoder, create_session
-    from prefix_export.validate import validate
+    from prefix_export.source.base_model import load_base_model
+    from prefix_export.source.checkpoint import load_prefix_checkpoint
+    from prefix_export.source.prefix_kv import build_peft_model
+    from prefix_export.runtime.decoder import OnnxDecoder
+    from prefix_export.runtime.sessions import create_session
+    from prefix_export.validate.decoder import validate
 
     print(c)
     with tempfile.TemporaryDirectory() as work:

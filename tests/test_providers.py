@@ -4,15 +4,19 @@ CUDA and TensorRT cannot run here; their options are plain data built from the g
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 import logging
 
 import pytest
 
 from tests_helpers import run_cli
 
-from prefix_export import contract, providers
+from prefix_export import contract
+from prefix_export.runtime import providers
 from prefix_export.errors import InputError, RuntimeSetupError
-from prefix_export.sessions import SessionSettings, build_provider_options, open_session, read_facts
+from prefix_export.folder import ExportFolder
+from prefix_export.runtime.sessions import SessionSettings, build_provider_options, open_session
 
 
 @pytest.fixture
@@ -32,7 +36,7 @@ def parse_profile(text: str) -> dict[str, list[int]]:
 @pytest.mark.parametrize("layout", ["folded", "cache"])
 def test_tensorrt_profiles_cover_every_dynamic_input(exported, layout):
     folder = exported[layout]
-    facts = read_facts(folder)
+    facts = ExportFolder.open(folder)
     settings = SessionSettings(provider="tensorrt", max_batch=6, max_total_length=100, fp16=True)
     options, limits = build_provider_options(facts, providers.TENSORRT, settings)
     inputs = providers.graph_inputs(facts.graph)
@@ -71,7 +75,7 @@ def test_tensorrt_profiles_cover_every_dynamic_input(exported, layout):
 
 
 def test_tensorrt_length_defaults_to_position_table(exported):
-    facts = read_facts(exported["cache"])
+    facts = ExportFolder.open(exported["cache"])
     options, limits = build_provider_options(facts, providers.TENSORRT, SessionSettings(provider="trt"))
     assert limits.max_total_length == 128  # tiny GPT-2's n_positions
     assert options["trt_fp16_enable"] == "False" and limits.max_batch == 8
@@ -120,8 +124,6 @@ def test_missing_provider_is_an_error_unless_fallback_asked(exported, caplog):
 # ---- bad input through the CLI: exit 2 and a message -------------------------------------------
 
 
-
-
 def test_generate_on_a_folder_that_is_not_an_export(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     code, text = run_cli(["generate", str(tmp_path), "--token-ids", "1,2"], capsys)
@@ -156,8 +158,8 @@ def test_generate_prompt_longer_than_context(exported, capsys, layout):
 
 
 def test_batch_larger_than_tensorrt_profile(exported):
-    from prefix_export.decoding import GenerationConfig
-    from prefix_export.generate import ExportRunner
+    from prefix_export.runtime.loop import GenerationConfig
+    from prefix_export.runtime.generate import ExportRunner
 
     runner = ExportRunner(exported["cache"])
     # what a TensorRT session would carry; the check runs before any session work
@@ -178,3 +180,33 @@ def test_bad_generation_arguments(exported, capsys):
         assert code == 2 and message in text, (args, text)
     code, text = run_cli(["generate", str(exported["folded"]), "--token-ids", "1,2", "--prefix-kv", folder], capsys)
     assert code == 2 and "--layout cache" in text
+
+
+# ---- a provider that is not installed ------------------------------------------------------------
+
+
+def _fake_export_folder(folder: Path) -> Path:
+    """The smallest folder `generate` accepts up to choosing a provider: one graph, one config."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder.mkdir()
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "s"])])
+    model = helper.make_model(graph)
+    for key, value in (("prefix_export.num_virtual_tokens", "2"), ("prefix_export.layout", "folded")):
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "config.json").write_text(json.dumps({"n_positions": 64}))
+    return folder
+
+
+def test_unknown_provider(tmp_path, capsys):
+    folder = _fake_export_folder(tmp_path / "exported")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, text = run_cli(["generate", folder, "--token-ids", "1,2,3", "--provider", "foo"], capsys)
+    assert code == 2, text
+    assert "RuntimeSetupError" in text and "execution provider 'foo'" in text and "Installed:" in text
+    assert "CPUExecutionProvider" in text
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from prefix_export import architectures
-from prefix_export import seq2seq_contract as contract
+from prefix_export.source import architectures
+from prefix_export import contract_seq2seq as contract
 from prefix_export.api import export_prefix_model, validate_export
 from prefix_export.cli import main
 from tiny_models import make_prefix, save_tiny_model, tiny_config
@@ -230,8 +230,8 @@ def test_inspect_shows_the_seq2seq_plan(tmp_path, capsys):
 def test_generate_runs_a_seq2seq_folder_batched_sampled_and_refuses_what_it_cannot(tmp_path, model_dirs, capsys):
     """A batch of prompts of different lengths (right-padded for the encoder) gives each row's tokens
     alone; sampling is reproducible with a seed; TensorRT and --prefix-kv are refused with a reason."""
-    from prefix_export.decoding import GenerationConfig
-    from prefix_export.generate import Seq2SeqRunner, open_runner
+    from prefix_export.runtime.loop import GenerationConfig
+    from prefix_export.runtime.generate import Seq2SeqRunner, open_runner
 
     model_dir = model_dirs["bart"]
     prefix = make_prefix(model_dir, tmp_path / "prefix", 4, projection=True, trained=True)
@@ -254,3 +254,62 @@ def test_generate_runs_a_seq2seq_folder_batched_sampled_and_refuses_what_it_cann
     assert "--prefix-kv is for decoder-only exports" in capsys.readouterr().err
     assert main(["generate", str(out), "--token-ids", "5,6", "--max-new-tokens", "200"]) == 2
     assert "decoder positions" in capsys.readouterr().err
+
+
+# ---- the shared machinery holds for seq2seq too: guarded run, disk-full translation ----------------
+
+
+@pytest.fixture(scope="module")
+def bart_export(tmp_path_factory, model_dirs):
+    root = tmp_path_factory.mktemp("bart-export")
+    prefix = make_prefix(model_dirs["bart"], root / "prefix", 4, projection=True, trained=True)
+    out = root / "out"
+    assert main(["--model", str(model_dirs["bart"]), "--prefix", str(prefix), "--out", str(out), "-q"]) == 0
+    return out
+
+
+def test_onnx_runtime_failure_in_seq2seq_validation_is_a_failed_check(tmp_path, bart_export, capsys):
+    """The decoder's token embedding is cut to 3 rows: every decoder run then fails inside ONNX Runtime
+    (Gather index out of bounds). `validate` reports it as a failed check (exit 1), not a traceback."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bart_export, broken)
+    graph = onnx.load(str(broken / "decoder_model.onnx"))
+    gather = next(n for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    table = next(i for i in graph.graph.initializer if i.name == gather.input[0])
+    short = numpy_helper.from_array(numpy_helper.to_array(table)[:3].copy(), table.name + "_cut")
+    graph.graph.initializer.append(short)
+    gather.input[0] = short.name
+    onnx.save(graph, str(broken / "decoder_model.onnx"))
+    code = main(["validate", str(broken)])
+    captured = capsys.readouterr()
+    print(captured.out)
+    assert code == 1
+    assert "prefill: ONNX Runtime failed running the graph:" in captured.out
+    assert "Traceback" not in captured.out + captured.err
+    assert "validation FAILED" in captured.out
+
+
+def test_disk_full_in_the_seq2seq_exporter_is_named_like_a_decoder_export(tmp_path, model_dirs, capsys, monkeypatch):
+    """The exporter's writer fails with ENOSPC inside a seq2seq export: exit 2 and the decoder export's
+    message (one exporter call, one translation), nothing published."""
+    import errno
+
+    def full_disk(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("exporter failed while saving") from exc
+
+    prefix = make_prefix(model_dirs["bart"], tmp_path / "prefix", 4, projection=True, trained=True)
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    out = tmp_path / "out"
+    code = main(["--model", str(model_dirs["bart"]), "--prefix", str(prefix), "--out", str(out / "export"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "OutputError: the disk is full while writing" in err and "nothing was published" in err
+    assert "Free space or choose another --out" in err
+    assert not out.exists() or list(out.iterdir()) == []

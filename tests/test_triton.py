@@ -10,7 +10,7 @@ from prefix_export import contract
 from prefix_export.api import export_prefix_model
 from prefix_export.cli import main
 from prefix_export.errors import ExportFailedError, InputError, UnsupportedError
-from prefix_export.triton import CONFIG_FILE, load_model_config_proto, parse_config
+from prefix_export.deploy.triton import CONFIG_FILE, load_model_config_proto, parse_config
 
 
 def _proto():

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from prefix_export.api import export_prefix_model, validate_export
 from prefix_export.cli import main
-from prefix_export.validate import Tolerances, compare
+from prefix_export.validate.report import Tolerances, compare
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from prefix_export import architectures, export
+from prefix_export.export import wrappers as export
+from prefix_export.source import architectures
 from prefix_export.api import export_prefix_model, validate_export
 from prefix_export.errors import ValidationError
-from prefix_export.prefix_kv import PrefixKV
+from prefix_export.source.prefix_kv import PrefixKV
 
 
 class Mutant(export.PrefixFoldedDecoder):
@@ -143,9 +144,9 @@ def test_nan_weights_in_the_graph_are_caught(tmp_path, good_export):
 
 @pytest.fixture(scope="module")
 def peft_model(gpt2_dir, gpt2_adapter):
-    from prefix_export.base_model import load_base_model
-    from prefix_export.checkpoint import load_prefix_checkpoint
-    from prefix_export.prefix_kv import build_peft_model
+    from prefix_export.source.base_model import load_base_model
+    from prefix_export.source.checkpoint import load_prefix_checkpoint
+    from prefix_export.source.prefix_kv import build_peft_model
 
     return build_peft_model(load_base_model(str(gpt2_dir)), load_prefix_checkpoint(gpt2_adapter))
 
@@ -164,7 +165,7 @@ class FakeDecoder:
         return [np.zeros((batch, 4, 0, 8), np.float32) for _ in range(4)]
 
     def run(self, input_ids, attention_mask, position_ids, past):
-        from prefix_export.validate import _reference_forward
+        from prefix_export.validate.reference import decoder_forward as _reference_forward
 
         if past[0].shape[2]:  # decode: PEFT needs the whole sequence; keep it simple and fail loudly
             raise RuntimeError("the fake decoder only prefills")
@@ -173,7 +174,7 @@ class FakeDecoder:
 
 
 def _validate(decoder, peft_model):
-    from prefix_export.validate import validate
+    from prefix_export.validate.decoder import validate
 
     return validate(decoder, peft_model, 128, decode_steps=0, greedy_prompts=0)
 

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
+
+PROMPT = np.array([5, 17, 42, 9, 64, 3, 77], dtype=np.int64)
 
 
 def load_raw_encoder_into(base, state_path: Path):
@@ -25,6 +31,47 @@ def load_raw_encoder_into(base, state_path: Path):
         state = torch.load(state_path, weights_only=True)
     model.prompt_encoder["default"].load_state_dict(state, strict=True)
     return model.eval()
+
+
+def peft_greedy(peft_model, prompt: np.ndarray, steps: int):
+    """Greedy on PEFT's forward, whole sequence each step. Returns tokens and first-step logits."""
+    tokens = torch.from_numpy(prompt)[None]
+    new, first_logits = [], None
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = peft_model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[0, -1]
+            if first_logits is None:
+                first_logits = logits.numpy()
+            next_token = int(logits.argmax())
+            new.append(next_token)
+            tokens = torch.cat([tokens, torch.tensor([[next_token]])], dim=1)
+    return new, first_logits
+
+
+def ort_greedy(graph_path, prompt: np.ndarray, steps: int):
+    """A plain ORT loop following the contract: user tokens only, positions from 0, presents fed back."""
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feeds = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts}
+    ids = prompt[None]
+    mask = np.ones((1, len(prompt)), np.int64)
+    positions = np.arange(len(prompt), dtype=np.int64)[None]
+    output_names = [o.name for o in session.get_outputs()]
+    new, first_logits = [], None
+    for _ in range(steps):
+        feeds.update(input_ids=ids, attention_mask=mask, position_ids=positions)
+        outputs = dict(zip(output_names, session.run(None, feeds)))
+        logits = outputs["logits"][0, -1]
+        if first_logits is None:
+            first_logits = logits
+        next_token = int(logits.argmax())
+        new.append(next_token)
+        for past in pasts:
+            feeds[past.name] = outputs[past.name.replace("past_key_values", "present")]
+        ids = np.array([[next_token]], np.int64)
+        positions = positions[:, -1:] + 1
+        mask = np.concatenate([mask, [[1]]], axis=1)
+    return new, first_logits
 
 
 def run_cli(args, capsys):
@@ -66,3 +113,34 @@ def adapter_state(src: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(src / "adapter_model.safetensors"))
+
+
+# ---- bad input: what a refused export must leave behind (nothing) --------------------------------
+
+
+def assert_nothing_written(out_parent):
+    leftovers = [p.name for p in out_parent.iterdir()] if out_parent.exists() else []
+    assert leftovers == [], f"bad input left {leftovers} behind"
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def assert_refused(code, text, out, *patterns):
+    """Exit 2, every pattern in the message, and nothing at all under the output parent."""
+    assert code == 2, text
+    for pattern in patterns:
+        assert re.search(pattern, text), f"{pattern!r} not in:\n{text}"
+    assert "Traceback" not in text
+    assert listing(out) == [], f"bad input left {listing(out)} behind"
+
+
+class RunsCode:
+    """Unpickling this would run a command; it must never be unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -164,7 +164,6 @@ def main() -> int:
     parser.add_argument("--no-validate", action="store_true", help="shorter runs: export without validation")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tiny_models import make_prefix, save_tiny_model, tiny_config
 

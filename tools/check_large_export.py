@@ -64,8 +64,8 @@ def main() -> int:
     from transformers import AutoConfig
 
     from prefix_export.api import export_prefix_model
-    from prefix_export.base_model import build_tiny_model, wrap_model
-    from prefix_export.runtime import create_session
+    from prefix_export.source.base_model import build_tiny_model, wrap_model
+    from prefix_export.runtime.sessions import create_session
 
     work_context = tempfile.TemporaryDirectory() if args.work is None else None
     work = Path(args.work or work_context.name)

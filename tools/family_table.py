@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def main() -> int:
@@ -29,7 +28,7 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    from prefix_export import architectures
+    from prefix_export.source import architectures
     from prefix_export.api import export_prefix_model
     from prefix_export.errors import PrefixExportError
     from tiny_models import make_prefix, save_tiny_model, tiny_config

@@ -149,12 +149,10 @@ def prepare_models(work: Path, which: list[str]) -> dict[str, tuple[Path, Path]]
         else:
             print(f"models/default is not there yet ({base}, {prefix}); skipping it")
     if "gpt2-small" in which:
-        sys.path.insert(0, str(ROOT / "tools"))
         from loop_overhead import build_model
 
         models["gpt2-small"] = build_model(work, 20)
     if "tiny" in which:
-        sys.path.insert(0, str(ROOT / "tests"))
         from tiny_models import make_prefix, save_tiny_model, tiny_config
 
         base, prefix = work / "tiny", work / "tiny-prefix"
@@ -166,7 +164,8 @@ def prepare_models(work: Path, which: list[str]) -> dict[str, tuple[Path, Path]]
 
 
 def export_layouts(work: Path, name: str, base: Path, prefix: Path) -> dict[str, dict]:
-    from prefix_export.api import export_prefix_model, read_report
+    from prefix_export.api import export_prefix_model
+    from prefix_export.folder import ExportFolder
 
     exports = {}
     for layout in ("folded", "cache"):
@@ -175,7 +174,7 @@ def export_layouts(work: Path, name: str, base: Path, prefix: Path) -> dict[str,
             t0 = time.perf_counter()
             export_prefix_model(str(base), prefix, out, layout=layout, progress=False, force=True)
             print(f"{name}: exported {layout} in {time.perf_counter() - t0:.0f}s (validated against PEFT on CPU)")
-        report = read_report(out)
+        report = ExportFolder.open(out).read_report()
         exports[layout] = {"folder": out, "validation_passed": report["validation"]["passed"]}
     return exports
 
@@ -185,21 +184,22 @@ def export_layouts(work: Path, name: str, base: Path, prefix: Path) -> dict[str,
 
 def first_logits(engine, prompt: np.ndarray) -> np.ndarray:
     """Prefill logits of the last position (1, V), through the engine's own KV path."""
-    from prefix_export.decoding import BoundKV, HostKV
+    from prefix_export.runtime.loop import BoundKV, HostKV
 
-    past, prefix_mask, prefix_lengths = engine.initial_state(1, None)
+    past, prefix_mask, prefix_lengths = engine.decoder.first_past(1)
     ids = prompt[None]
     mask = np.concatenate([prefix_mask, np.ones_like(ids)], axis=1)
     positions = np.arange(ids.shape[1], dtype=np.int64)[None] + prefix_lengths[:, None]
-    kv = (BoundKV if engine.io_binding else HostKV)(engine, past, 1, mask.shape[1])
+    kv = (BoundKV if engine.io_binding else HostKV)(engine.decoder, past, 1, mask.shape[1], engine.device,
+                                                    engine.device_id)
     return np.array(kv.step(ids, mask, positions)[:, -1], dtype=np.float32)
 
 
 def peft_tokens(base: Path, prefix: Path, prompt: np.ndarray, steps: int) -> list[int]:
-    from prefix_export.base_model import load_base_model
-    from prefix_export.checkpoint import load_prefix_checkpoint
-    from prefix_export.prefix_kv import build_peft_model
-    from prefix_export.validate import reference_greedy
+    from prefix_export.source.base_model import load_base_model
+    from prefix_export.source.checkpoint import load_prefix_checkpoint
+    from prefix_export.source.prefix_kv import build_peft_model
+    from prefix_export.validate.reference import reference_greedy
 
     model = build_peft_model(load_base_model(str(base)), load_prefix_checkpoint(prefix))
     return reference_greedy(model, prompt, steps).tolist()
@@ -216,9 +216,9 @@ def timed(fn, repeats: int) -> float:
 
 def check_one(folder: Path, provider: str, prompt: np.ndarray, cpu: dict | None, reference: list[int],
               args) -> tuple[dict, dict]:
-    from prefix_export.decoding import GenerationConfig
-    from prefix_export.generate import ExportRunner
-    from prefix_export.sessions import SessionSettings
+    from prefix_export.runtime.loop import GenerationConfig
+    from prefix_export.runtime.generate import ExportRunner
+    from prefix_export.runtime.sessions import SessionSettings
 
     row = {"provider": provider}
     t0 = time.perf_counter()
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from prefix_export.errors import RuntimeSetupError
-    from prefix_export.providers import ALIASES, ort_package
+    from prefix_export.runtime.providers import ALIASES, ort_package
 
     available = ort.get_available_providers()
     print(f"onnxruntime {ort.__version__} ({ort_package()}), device {ort.get_device()}, providers {available}")
@@ -336,7 +336,8 @@ def main(argv=None) -> int:
 
 def run_gpu_bench(work: Path, out: Path, providers: list[str], args) -> None:
     """`prefix-export bench` on --bench-model with the GPU providers (and eager PyTorch on the GPU)."""
-    from prefix_export.bench import BenchSettings, format_table, run_bench
+    from prefix_export.bench.report import format_table
+    from prefix_export.bench.run import BenchSettings, run_bench
 
     base, prefix = prepare_models(work, [args.bench_model])[args.bench_model]
     providers = [p for p in providers if p not in ("tensorrt", "trt")] or ["cpu"]  # folded graph: no TensorRT

@@ -6,7 +6,7 @@ times greedy generation of N tokens at batch 1 on the CPU, on ONE session, in in
 
   bare      a plain loop written here: feeds dict, session.run, presents fed back, argmax,
             mask grown by concatenation (what anyone would write against the contract);
-  generate  prefix_export.decoding.Engine.generate (host KV path, the CPU default);
+  generate  prefix_export.runtime.loop.Engine.generate (host KV path, the CPU default);
   bound     the same with IO binding (buffers allocated once), for information.
 
 Per-token time = wall time of a whole generation (prefill included) / N. Prints medians and the
@@ -115,15 +115,16 @@ class StubSession:
 
 
 def python_overhead_us(session, prompt, tokens: int, repeats: int = 20) -> dict:
-    from prefix_export.decoding import Engine, GenerationConfig
+    from prefix_export.runtime.decoder import OnnxDecoder
+    from prefix_export.runtime.loop import Engine, GenerationConfig
 
     vocab = int(session.get_outputs()[0].shape[2])
     stub = StubSession(session, vocab)
-    engine = Engine(stub)
+    engine = Engine(OnnxDecoder(stub))
     d = engine.decoder
     config = GenerationConfig(max_new_tokens=tokens)
-    runs = {"bare": lambda: bare_loop(stub, prompt, tokens, d.num_kv_heads, d.head_dim, engine.past_names,
-                                      engine.output_names),
+    runs = {"bare": lambda: bare_loop(stub, prompt, tokens, d.num_kv_heads, d.head_dim, d.past_names,
+                                      d.output_names),
             "generate": lambda: engine.generate(prompt[None], None, config)}
     result = {}
     for name, fn in runs.items():
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from prefix_export.decoding import Engine, GenerationConfig
+    from prefix_export.runtime.decoder import OnnxDecoder
+    from prefix_export.runtime.loop import Engine, GenerationConfig
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,15 +163,15 @@ def main(argv=None) -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    engine = Engine(session)
-    bound = Engine(session, io_binding=True)
+    engine = Engine(OnnxDecoder(session))
+    bound = Engine(OnnxDecoder(session), io_binding=True)
     d = engine.decoder
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 50257, size=args.prompt_length, dtype=np.int64)
     config = GenerationConfig(max_new_tokens=args.tokens)
     runs = {
-        "bare": lambda: bare_loop(session, prompt, args.tokens, d.num_kv_heads, d.head_dim, engine.past_names,
-                                  engine.output_names),
+        "bare": lambda: bare_loop(session, prompt, args.tokens, d.num_kv_heads, d.head_dim, d.past_names,
+                                  d.output_names),
         "generate": lambda: engine.generate(prompt[None], None, config)[0].tolist(),
         "bound": lambda: bound.generate(prompt[None], None, config)[0].tolist(),
     }

@@ -1,0 +1,1 @@
+"""`prefix-export bench`: probes, backends on the shared decode loop, variants, the run, the report."""

@@ -1,0 +1,1 @@
+"""Deploy targets written into an export folder: onnxruntime-genai and Triton."""

@@ -1,0 +1,2 @@
+"""Graph export: the torch wrappers, one object per export kind, the exporter call, ONNX post-processing,
+the atomic output folder."""

@@ -1,0 +1,67 @@
+"""The one `torch.onnx.export` (dynamo) call every graph goes through, and the translation of its errors.
+
+A write failure inside the exporter (disk full, read-only, permissions) is re-raised as the OSError
+it is, so the pipeline reports it like any other write failure (errors: exit 2, nothing published);
+anything else is an ExportFailedError carrying the exporter's own output.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import ExportFailedError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+
+
+@dataclasses.dataclass
+class GraphPlan:
+    """One graph to export: the module, its tracing inputs, its contract's names and dynamic axes."""
+
+    file_name: str  # e.g. model.onnx, encoder_model.onnx
+    what: str  # for messages: "decoder", "encoder"
+    module: torch.nn.Module
+    args: tuple  # tracing inputs; sizes distinct so the exporter cannot confuse the dynamic axes
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: dict
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def os_error_in_chain(exc: BaseException) -> OSError | None:
+    """The OSError behind an exporter exception (it wraps what its writer raised), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def run_exporter(plan: GraphPlan, path: Path, opset: int, model_type: str) -> None:
+    """Export `plan` to `path` (one file; export/graph.py post-processes it)."""
+    log.info("torch.onnx.export (dynamo) %s -> %s", plan.what, path)
+    captured = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(captured):
+            torch.onnx.export(plan.module.eval(), plan.args, str(path), dynamo=True, opset_version=opset,
+                              input_names=plan.input_names, output_names=plan.output_names,
+                              dynamic_shapes=plan.dynamic_shapes, optimize=True, external_data=True, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one typed error for users
+        disk = os_error_in_chain(exc)
+        if disk is not None:
+            raise disk from exc  # a write failed (disk full, permissions): the pipeline names it as such
+        raise ExportFailedError(f"torch.onnx.export failed for the {plan.what} of {model_type}: "
+                                f"{type(exc).__name__}: {exc}\nexporter output:\n{captured.getvalue()[-2000:]}") from exc
+    log.debug("exporter output:\n%s", captured.getvalue())

@@ -1,0 +1,116 @@
+"""ONNX post-processing: metadata, dimension names, external data, checker."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from .. import contract, contract_seq2seq
+from ..errors import ExportFailedError
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2 * 1024**3
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers (what a single protobuf file must hold below 2 GB)."""
+    return sum(len(init.raw_data) if init.HasField("raw_data") else init.ByteSize() for init in model.graph.initializer)
+
+
+def too_large_for_one_file(weight_bytes: int) -> bool:
+    """Protobuf caps a file at 2 GB; keep a margin for the graph itself."""
+    return weight_bytes > TWO_GB - 64 * 1024**2
+
+
+def _name_present_dims(model: onnx.ModelProto) -> None:
+    """The exporter names present's length 'past_sequence_length + sequence_length'; call it total."""
+    for output in model.graph.output:
+        if not output.name.startswith("present."):
+            continue
+        dim = output.type.tensor_type.shape.dim[2]
+        if not dim.HasField("dim_value"):
+            if ".encoder." in output.name:  # seq2seq cross-attention K/V: the encoder's length
+                dim.dim_param = contract_seq2seq.ENCODER_OUT
+            elif ".decoder." in output.name:
+                dim.dim_param = contract_seq2seq.TOTAL_DECODER
+            else:
+                dim.dim_param = contract.TOTAL
+
+
+_ELEMENTWISE = {"Mul", "Add", "Sub", "Div"}
+
+
+def upcast_bfloat16_arithmetic(model: onnx.ModelProto) -> int:
+    """Rewrite bfloat16 Mul/Add/Sub/Div as float32 math + Cast back; returns how many were rewritten.
+
+    Some modelling code computes in bfloat16 whatever the model's dtype (falcon's ALiBi slopes), and
+    ONNX Runtime's CPU provider has no bfloat16 kernels for these ops. PyTorch's CPU bfloat16 ops
+    compute in float32 and round once, so float32 + one Cast gives the same bits.
+    """
+    from onnx import TensorProto, helper
+
+    # Type inference on a weightless copy (initializers as typed inputs): works for > 2 GB models too.
+    weightless_inputs = [helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                         for init in model.graph.initializer]
+    weightless = helper.make_model(
+        helper.make_graph(list(model.graph.node), "types", list(model.graph.input) + weightless_inputs,
+                          list(model.graph.output)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    weightless.functions.extend(model.functions)
+    inferred = onnx.shape_inference.infer_shapes(weightless)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    new_nodes, rewritten = [], 0
+    for node in model.graph.node:
+        if node.op_type in _ELEMENTWISE and types.get(node.output[0]) == TensorProto.BFLOAT16:
+            upcast_inputs = []
+            for name in node.input:
+                cast_name = f"{name}_as_float_{rewritten}"
+                new_nodes.append(helper.make_node("Cast", [name], [cast_name], to=TensorProto.FLOAT,
+                                                  name=f"{node.name}_upcast_{len(upcast_inputs)}"))
+                upcast_inputs.append(cast_name)
+            float_out = f"{node.output[0]}_float"
+            new_nodes.append(helper.make_node(node.op_type, upcast_inputs, [float_out], name=node.name))
+            new_nodes.append(helper.make_node("Cast", [float_out], [node.output[0]], to=TensorProto.BFLOAT16,
+                                              name=f"{node.name}_downcast"))
+            rewritten += 1
+        else:
+            new_nodes.append(node)
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        log.info("rewrote %d bfloat16 elementwise ops as float32 for ONNX Runtime's CPU provider", rewritten)
+    return rewritten
+
+
+def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_external_data: bool = False) -> dict:
+    """Load the exporter's file, add metadata, and save to `final_path` (+ external data when needed)."""
+    try:
+        model = onnx.load(str(raw_path), load_external_data=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportFailedError(f"the exporter's ONNX file {raw_path} could not be read back ({exc}).") from exc
+    _name_present_dims(model)
+    bf16_rewrites = upcast_bfloat16_arithmetic(model)
+    del model.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        model.metadata_props.add(key=key, value=str(value))
+    weight_bytes = tensor_bytes(model)
+    external = force_external_data or too_large_for_one_file(weight_bytes)
+    data_name = final_path.name + ".data"
+    if external:
+        onnx.save_model(model, str(final_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(model, str(final_path))
+    try:
+        onnx.checker.check_model(str(final_path))  # by path: works for > 2 GB with external data
+    except onnx.checker.ValidationError as exc:
+        raise ExportFailedError(f"onnx.checker rejected the exported graph: {exc}") from exc
+    info = {"graph": final_path.name, "external_data": data_name if external else None,
+            "weight_bytes": weight_bytes, "nodes": len(model.graph.node), "opset": model.opset_import[0].version,
+            "bfloat16_ops_upcast": bf16_rewrites}
+    log.info("graph: %d nodes, %.1f MB of weights%s", info["nodes"], weight_bytes / 1e6,
+             f", external data {data_name}" if external else "")
+    return info

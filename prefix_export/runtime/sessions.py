@@ -1,0 +1,123 @@
+"""The session factory: an export folder + a provider name -> an ONNX Runtime session, nothing hidden.
+
+A missing provider is an error listing what is installed, unless the user asked for a fallback
+(`fallback="cpu"`), in which case the switch is logged as a warning. ONNX Runtime itself silently
+drops a provider whose libraries fail to load; we check which provider the session really got and
+treat a silent drop the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from . import providers
+from ..errors import InputError, RuntimeSetupError
+from ..folder import ExportFolder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_TOTAL = 1024  # when the config gives no position limit (rotary models)
+
+
+@dataclasses.dataclass
+class SessionSettings:
+    provider: str = "cpu"
+    fallback: str | None = None  # "cpu": use the CPU, with a warning, when `provider` cannot be used
+    max_batch: int = DEFAULT_MAX_BATCH  # TensorRT profile
+    max_total_length: int | None = None  # TensorRT profile; default: the model's position limit
+    fp16: bool = False  # TensorRT builds fp16 engines
+    cache_dir: str | Path | None = None  # TensorRT engine/timing caches; default OUT_DIR/trt_cache
+    device_id: int = 0
+    threads: int | None = None  # intra-op threads (CPU)
+    tf32: bool = False  # CUDA matmuls in TF32 (faster, not fp32-exact)
+
+
+@dataclasses.dataclass
+class OpenedSession:
+    session: object  # onnxruntime.InferenceSession
+    provider: str  # the provider the session really runs on
+    requested: str
+    fell_back: bool
+    limits: providers.ShapeLimits | None  # the TensorRT profile, when TensorRT runs it
+    options: dict[str, str]
+
+    @property
+    def device(self) -> str:
+        return providers.device_of(self.provider)
+
+
+def build_provider_options(folder: ExportFolder, provider: str, settings: SessionSettings):
+    """(options, limits) for `provider`; limits only for TensorRT, whose profile they define."""
+    if provider == providers.TENSORRT:
+        max_total = settings.max_total_length or folder.max_positions or DEFAULT_MAX_TOTAL
+        min_past = folder.num_virtual_tokens if folder.layout == "cache" else 0
+        if folder.layout != "cache":
+            log.warning("TensorRT with the folded layout: the first step's past is zero-length, which some "
+                        "TensorRT versions reject; export with --layout cache for TensorRT")
+        limits = providers.ShapeLimits(settings.max_batch, max_total, min_past=min_past)
+        cache_dir = Path(settings.cache_dir) if settings.cache_dir else folder.path / providers.TRT_CACHE_DIR
+        options = providers.tensorrt_options(providers.graph_inputs(folder.graph), limits, cache_dir,
+                                             fp16=settings.fp16, device_id=settings.device_id)
+        return options, limits
+    if provider == providers.CUDA:
+        return providers.cuda_options(settings.device_id, settings.tf32), None
+    return {}, None
+
+
+def open_session(folder: ExportFolder | str | Path, settings: SessionSettings | None = None,
+                 graph: Path | None = None) -> OpenedSession:
+    """A session on `folder`'s decoder graph (or `graph`, another graph of the folder) on the requested
+    provider, or on the CPU when that fails and `settings.fallback` says so."""
+    folder = folder if isinstance(folder, ExportFolder) else ExportFolder.open(folder)
+    settings = settings or SessionSettings()
+    graph = graph or folder.graph
+    if settings.fallback not in (None, "cpu"):
+        raise InputError(f"--fallback {settings.fallback!r}: the only fallback is 'cpu'.")
+    try:
+        provider = providers.resolve_provider(settings.provider)
+        options, limits = build_provider_options(folder, provider, settings)
+        session = create_session(graph, provider, options, settings.threads)
+    except RuntimeSetupError as exc:
+        if settings.fallback != "cpu":
+            raise
+        log.warning("falling back to the CPU as asked (--fallback cpu): %s", exc)
+        session = create_session(graph, providers.CPU, {}, settings.threads)
+        return OpenedSession(session, providers.CPU, settings.provider, True, None, {})
+    return OpenedSession(session, provider, settings.provider, False, limits, options)
+
+
+def create_session(graph: str | Path, provider: str = "cpu", options: dict[str, str] | None = None,
+                   threads: int | None = None):
+    """The one place an ONNX Runtime session is made: `provider` (a partial name is fine) first, then the
+    providers it falls back to for nodes it cannot run (providers.provider_chain); a provider that
+    ONNX Runtime silently dropped is an error, not a quiet CPU run."""
+    import onnxruntime as ort
+
+    provider = providers.resolve_provider(provider)
+    options = options or {}
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    # One op at a time, each over the intra-op threads: a decoder step is a chain, not a tree.
+    session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session_options.inter_op_num_threads = 1
+    if threads:
+        session_options.intra_op_num_threads = threads
+    available = providers.available_providers()
+    chain = [(name, opts) for name, opts in providers.provider_chain(provider, options)
+             if name == provider or name in available]
+    if provider == providers.TENSORRT:
+        for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+            Path(options[key]).mkdir(parents=True, exist_ok=True)
+    try:
+        session = ort.InferenceSession(str(graph), session_options, providers=[n for n, _ in chain],
+                                       provider_options=[o for _, o in chain])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise RuntimeSetupError(f"ONNX Runtime could not load {graph} on {provider}: {exc}") from exc
+    active = session.get_providers()
+    if active[0] != provider:
+        raise RuntimeSetupError(f"ONNX Runtime did not start {provider} for {graph} (it runs on {active}); its "
+                                "libraries (CUDA, cuDNN, TensorRT) are probably missing or of the wrong version.")
+    log.info("session on %s (%s)", provider, ", ".join(active))
+    return session

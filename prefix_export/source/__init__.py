@@ -1,0 +1,1 @@
+"""What comes in: the architecture registry, the base model, the prefix checkpoint, PEFT's prefix KV."""

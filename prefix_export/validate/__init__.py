@@ -1,0 +1,1 @@
+"""Validation: every export kind on ONNX Runtime against PEFT's own forward, compared in two phases."""

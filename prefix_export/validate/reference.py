@@ -1,0 +1,94 @@
+"""The reference: PEFT's own forward over the whole sequence at every step (no cache), never the export.
+
+It shares no code with export/wrappers.py, so a bug in one cannot hide in the other. With
+transformers 5.24 and peft 0.21.2, `PeftModel.generate()` was seen to ignore the prefix, so greedy
+references run the shared decode loop (runtime/loop.py) on steppers that call `forward`, never
+`generate()`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..runtime.decoder import positions_from_mask
+from ..runtime.loop import GenerationConfig, generate
+from ..source import architectures
+
+
+def decoder_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+    """PEFT forward over the whole sequence: logits (B, S, V) and the user part of the cache.
+
+    PEFT prepends its prefix cache, extends the mask by P and shifts the positions we give by P.
+    The cache it returns holds P + S positions per layer; the user's part is [P:].
+    """
+    P = peft_model.active_peft_config.num_virtual_tokens
+    with torch.no_grad():
+        out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                         position_ids=torch.from_numpy(position_ids), use_cache=True, return_dict=True)
+    presents = []
+    for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
+        presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
+    return out.logits.float().numpy(), presents
+
+
+def seq2seq_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray,
+                    num_layers: int | None = None):
+    """PEFT forward over the whole decoder sequence: logits (B, T, V), encoder output (B, S, d),
+    the user part of the self-attention cache ([P:]) and the cross-attention cache, numpy.
+
+    PEFT's self-attention cache has a layer per *encoder* layer; a shallower decoder's cache is its
+    first `num_layers`."""
+    P = peft_model.active_peft_config.num_virtual_tokens
+    with torch.no_grad():
+        out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                         decoder_input_ids=torch.from_numpy(decoder_input_ids), use_cache=True, return_dict=True)
+    self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(architectures.output_cache(out))
+    self_layers, cross_layers = self_layers[:num_layers], cross_layers[:num_layers]
+    presents = []
+    for key, value in self_layers:
+        presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
+    for key, value in cross_layers:
+        presents += [key.float().numpy(), value.float().numpy()]
+    return out.logits.float().numpy(), out.encoder_last_hidden_state.float().numpy(), presents
+
+
+class DecoderReferenceStepper:
+    """The decode loop's stepper on PEFT: one unpadded prompt, the whole sequence recomputed each step."""
+
+    def __init__(self, peft_model, prompt: np.ndarray):
+        self.peft_model = peft_model
+        self.tokens = prompt.astype(np.int64)[None, :]
+        self.first_tokens = self.tokens
+        self.started = False
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        if self.started:
+            self.tokens = np.concatenate([self.tokens, tokens], axis=1)
+        self.started = True
+        mask = np.ones_like(self.tokens)
+        logits, _ = decoder_forward(self.peft_model, self.tokens, mask, positions_from_mask(mask))
+        return logits[:, -1:]
+
+
+class Seq2SeqReferenceStepper:
+    """Likewise for an encoder-decoder: the encoder and the whole decoder sequence rerun each step."""
+
+    def __init__(self, peft_model, prompt: np.ndarray, decoder_start_token_id: int):
+        self.peft_model = peft_model
+        self.input_ids = prompt.astype(np.int64)[None, :]
+        self.first_tokens = np.array([[decoder_start_token_id]], np.int64)
+        self.decoder_ids = np.zeros((1, 0), np.int64)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        self.decoder_ids = np.concatenate([self.decoder_ids, tokens], axis=1)
+        logits, _, _ = seq2seq_forward(self.peft_model, self.input_ids, np.ones_like(self.input_ids),
+                                       self.decoder_ids)
+        return logits[:, -1:]
+
+
+def reference_greedy(peft_model, prompt: np.ndarray, max_new_tokens: int,
+                     decoder_start_token_id: int | None = None) -> np.ndarray:
+    """Greedy tokens (T,) from PEFT's forward; seq2seq when `decoder_start_token_id` is given."""
+    stepper = (DecoderReferenceStepper(peft_model, prompt) if decoder_start_token_id is None
+               else Seq2SeqReferenceStepper(peft_model, prompt, decoder_start_token_id))
+    return generate(stepper, GenerationConfig.greedy(max_new_tokens))[0]

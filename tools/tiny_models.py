@@ -1,0 +1,137 @@
+"""Factories for tiny models and prefixes, shared by the tests (and by tools/ checks)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+# One tiny config per registered architecture; test_architectures fails when one is missing.
+# Each covers a feature: GQA/MQA (llama, mistral, qwen3, gemma2, falcon), rotary (gptj, gpt_neox, llama...),
+# ALiBi (bloom), learned positions (gpt2, gpt_neo, opt), sliding windows smaller than the test
+# sequences (mistral, gemma2, gpt_neo local layers), untied embeddings (llama, opt's default is tied).
+_COMMON = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, **_COMMON)
+TINY_CONFIGS = {
+    "gpt2": dict(n_layer=2, n_head=4, n_embd=32, n_positions=128, **_COMMON),
+    "gpt_neo": dict(num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=128, window_size=8,
+                    attention_types=[[["global", "local"], 1]], **_COMMON),
+    "gptj": dict(n_layer=2, n_head=4, n_embd=32, rotary_dim=4, n_positions=128, **_COMMON),
+    "gpt_neox": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                     max_position_embeddings=128, rotary_pct=0.5, **_COMMON),
+    "opt": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                max_position_embeddings=128, **_COMMON),
+    "bloom": dict(n_layer=2, n_head=4, hidden_size=32, **_COMMON),
+    # falcon-40b style (new decoder architecture, 2 KV groups); multi-query falcon-7b style is refused
+    # because PEFT itself cannot prefix-tune it (see test_architectures).
+    "falcon": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, new_decoder_architecture=True,
+                   num_kv_heads=2, alibi=False, **_COMMON),
+    "llama": dict(num_key_value_heads=2, tie_word_embeddings=False, **_LLAMA),
+    "mistral": dict(num_key_value_heads=2, sliding_window=8, **_LLAMA),
+    "qwen2": dict(num_key_value_heads=4, tie_word_embeddings=True, **_LLAMA),
+    "qwen3": dict(num_key_value_heads=1, head_dim=16, **_LLAMA),
+    "phi3": dict(num_key_value_heads=2, **_LLAMA),
+    "gemma": dict(num_key_value_heads=1, head_dim=8, **_LLAMA),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, sliding_window=8, query_pre_attn_scalar=8, **_LLAMA),
+    # Encoder-decoder (PEFT SEQ_2_SEQ_LM), parity test in test_seq2seq.py. BART: learned positions in a
+    # small table (64 rows, so the decoder's P offset and token budget matter), tied embeddings and
+    # final_logits_bias, a decoder shallower than the encoder (distilbart style: PEFT sizes the
+    # prefix by the encoder's depth). T5: relative position bias with few buckets and a short max distance (so
+    # the prefix's P offset moves tokens between buckets), untied, gated-GELU (v1.1 style).
+    "bart": dict(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                 decoder_start_token_id=2, forced_eos_token_id=None, **_COMMON),
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=False, decoder_start_token_id=0, **_COMMON),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(TINY_CONFIGS[model_type])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _model_class(config):
+    """AutoModelForCausalLM, or AutoModelForSeq2SeqLM for the registry's seq2seq families."""
+    from prefix_export.source.architectures import describe
+    from prefix_export.source.base_model import auto_model_class
+
+    return auto_model_class(describe(config))
+
+
+def save_tiny_model(config, folder: Path, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = _model_class(config).from_config(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def make_prefix(model_dir: Path, out: Path, num_virtual_tokens: int, projection: bool, trained: bool,
+                kind: str = "peft_adapter", seed: int = 0, steps: int = 8) -> Path:
+    """A prefix for the model in `model_dir`, trained a few steps (or random), saved as `kind`.
+
+    kind "peft_adapter": PeftModel.save_pretrained(out) (adapter_config.json + adapter_model.safetensors).
+    kind "raw_safetensors" / "raw_pt": the PrefixEncoder's own state dict (projection MLP included)
+    as out/prefix_encoder.{safetensors,pt} + out/prefix_config.json. Returns the path to pass as --prefix.
+    """
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoConfig
+
+    from prefix_export.source.architectures import describe
+
+    torch.manual_seed(seed)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    model = _model_class(model_config).from_pretrained(model_dir)
+    config = PrefixTuningConfig(task_type=describe(model_config).task_type, num_virtual_tokens=num_virtual_tokens,
+                                prefix_projection=projection, encoder_hidden_size=24)
+    peft_model = get_peft_model(model, config)
+    encoder = peft_model.prompt_encoder["default"]
+    with torch.no_grad():  # PEFT initialises near zero; make the prefix matter from step 0
+        for param in encoder.parameters():
+            param.normal_(0.0, 0.5)
+    if trained:
+        optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        for _ in range(steps):
+            batch = torch.randint(0, vocab, (4, 12), generator=generator)
+            loss = peft_model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    peft_model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "peft_adapter":
+        peft_model.save_pretrained(out)
+        return out
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    config_dict = peft_model.peft_config["default"].to_dict()
+    config_dict["inference_mode"] = False
+    (out / "prefix_config.json").write_text(json.dumps(_jsonable(config_dict), indent=2))
+    if kind == "raw_safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "prefix_encoder.safetensors"))
+        return out / "prefix_encoder.safetensors"
+    if kind == "raw_pt":
+        torch.save(state, out / "prefix_encoder.pt")
+        return out / "prefix_encoder.pt"
+    raise ValueError(kind)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return _jsonable(dataclasses.asdict(value))
+    if hasattr(value, "value"):  # enums
+        return value.value
+    return value
