@@ -30,6 +30,17 @@ from .validate.report import DEFAULT_ATOL, Tolerances, ValidationReport, Validat
 log = logging.getLogger(__name__)
 
 
+def _return_freed_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS (glibc keeps it otherwise, and the next
+    stage's peak would stack on top of it); a no-op where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclasses.dataclass
 class PrefixModel:
     """The pipeline's input, loaded once: the base model, the checkpoint, PEFT's model and its prefix KV."""
@@ -40,6 +51,15 @@ class PrefixModel:
     prefix_kv: PrefixKV
     prefix_source: str  # what the user passed as the prefix, for the report
     prefix_config: str | None = None
+
+    def release(self) -> None:
+        """Drop the PyTorch model (PEFT's and the base one); what was computed from it stays."""
+        import gc
+
+        self.peft_model = None
+        self.base.release()
+        gc.collect()
+        _return_freed_memory()
 
 
 def load_prefix_model(model: str | Path | BaseModel, prefix: str | Path | PrefixCheckpoint,
@@ -91,8 +111,18 @@ def _model_files(base: BaseModel) -> list[Path]:
     return sorted({p for pattern in patterns for p in base.local_dir.glob(pattern) if p.is_file()})
 
 
+def resident_memory_mb() -> float | None:
+    """This process's resident memory now (Linux /proc), for the per-stage log; None elsewhere."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
 class _Progress:
-    """A stage-level progress bar (tqdm on stderr) that tests and --quiet can switch off."""
+    """A stage-level progress bar (tqdm on stderr) that tests and --quiet can switch off; each stage's
+    end is logged with the memory held then and the peak so far (-v)."""
 
     def __init__(self, stages: int, enabled: bool):
         self.bar = None
@@ -101,7 +131,11 @@ class _Progress:
 
             self.bar = tqdm(total=stages, desc="prefix-export", unit="step", leave=False, file=sys.stderr)
 
+    def note(self, description: str) -> None:
+        log.info("%s: resident %.0f MB, peak %.0f MB", description, resident_memory_mb() or 0, peak_memory_mb())
+
     def __call__(self, description: str) -> None:
+        self.note(description)
         if self.bar is not None:
             self.bar.set_description(description)
             self.bar.update(1)
@@ -188,7 +222,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                         run_validation: bool = True, tolerances: Tolerances | None = None, dtype: str | None = None,
                         opset: int = DEFAULT_OPSET, external_data: bool = False, keep_invalid: bool = False,
                         progress: bool = True, command_line: list[str] | None = None, layout: str = "folded",
-                        triton: bool | str = False, validation: ValidationSettings | None = None) -> ExportResult:
+                        triton: bool | str = False, validation: ValidationSettings | None = None,
+                        greedy_tokens: int | None = None) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     `model` may be a `PrefixModel` already loaded by `load_prefix_model` (then `prefix` is ignored).
@@ -198,6 +233,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     `layout`: "folded" (prefix inside the graph) or "cache" (the plain base decoder; the runtime feeds
     prefix_kv.safetensors as the first past). A folded decoder-only export also holds genai_config.json
     (onnxruntime-genai); `triton` (True or a model name) adds a Triton repository entry.
+    `validation` says how much validation runs (default: by model size, `greedy_tokens` overriding
+    the greedy check's length); `tolerances` default to the noise-relative rule (validate/report.py).
     """
     from .deploy.triton import check_name
 
@@ -216,9 +253,10 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
             raise UnsupportedError(f"--triton writes an entry for one decoder graph; {spec.model_type} exports "
                                    "an encoder and a decoder graph, which need a Triton ensemble (not written yet).")
         steps("loaded model and prefix")
+        dtype_name = str(source.prefix_kv.tensor.dtype).replace("torch.", "")
         if tolerances is None:
-            tolerances = Tolerances(atol=DEFAULT_ATOL.get(str(source.prefix_kv.tensor.dtype).replace("torch.", ""),
-                                                          1e-4))
+            tolerances = Tolerances(fallback_atol=DEFAULT_ATOL.get(dtype_name, 1e-4))
+        validation = validation or ValidationSettings.for_model(source.base.num_parameters, greedy_tokens)
         report = _new_report(source, kind, graph_name, command_line)
         metadata = _graph_metadata(source, kind, report)
         try:
@@ -233,7 +271,14 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                 result = None
                 if run_validation:
                     t0 = time.perf_counter()
-                    result = kind.validate(folder, source.peft_model, spec, tolerances, validation)
+                    reference = kind.reference(source.peft_model, spec, tolerances, validation)
+                    steps.note("PEFT's references computed")
+                    if kind.frees_model and not isinstance(model, PrefixModel):
+                        # PEFT's answers are all computed: the PyTorch model is not needed any more,
+                        # so ONNX Runtime does not hold the weights beside it.
+                        source.release()
+                        steps.note("PyTorch model released")
+                    result = kind.validate(folder, reference, spec, tolerances)
                     report["timing_s"]["validation"] = round(time.perf_counter() - t0, 3)
                     report["validation"] = result.to_dict()
                     steps("validated")
@@ -282,9 +327,14 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
                          "--model and --prefix.")
     source = load_prefix_model(model, prefix, prefix_config)
     if tolerances is None:
-        tolerances = Tolerances(atol=report.get("validation", {}).get("settings", {}).get("atol", 1e-4))
+        tolerances = Tolerances.from_settings(report.get("validation", {}).get("settings", {}))
     kind = kind_for(source.base.spec, report.get("layout", "folded"))
-    result = kind.validate(folder, source.peft_model, source.base.spec, tolerances)
+    settings = ValidationSettings.from_report(report.get("validation", {}).get("settings", {}),
+                                              source.base.num_parameters)
+    reference = kind.reference(source.peft_model, source.base.spec, tolerances, settings)
+    if kind.frees_model:
+        source.release()
+    result = kind.validate(folder, reference, source.base.spec, tolerances)
     result.problems[:0] = problems
     return result
 

@@ -53,8 +53,12 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     parser.add_argument("--no-validate", action="store_true", help="skip validation against PEFT (not advised)")
     parser.add_argument("--atol", action="append", metavar="[OUTPUT=]ATOL",
-                        help="absolute tolerance: a number for all outputs (default 1e-4 fp32), or per output, "
-                             "e.g. --atol logits=1e-3 --atol 'present.*=1e-4'; repeatable")
+                        help="a fixed absolute tolerance against PEFT in the model's dtype, for all outputs or per "
+                             "output (--atol logits=1e-3 --atol 'present.*=1e-4'; repeatable). Default: the "
+                             "noise-relative rule, error vs a float64 run <= 4 x PyTorch's own + 1e-6")
+    parser.add_argument("--greedy-tokens", type=int, metavar="N",
+                        help="tokens of the greedy check (default by model size: 32 up to 1.5B parameters, 16 up "
+                             "to 4B, 8 above; at least 1)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="load the model in this dtype (default: as saved)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
@@ -219,7 +223,8 @@ def cmd_export(args) -> int:
         args.model, args.prefix, args.out, prefix_config=args.prefix_config, force=args.force,
         run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
-        progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton)
+        progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton,
+        greedy_tokens=args.greedy_tokens)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:

@@ -57,8 +57,9 @@ def _validate(folder: ExportFolder, layout: str, source, greedy_tokens: int) -> 
     from ..export.kinds import kind_for
 
     kind = kind_for(source.base.spec, layout)
-    return summarize(kind.validate(folder, source.peft_model, source.base.spec, Tolerances(atol=SHORT_ATOL),
-                                   short_settings(greedy_tokens)))
+    tolerances = Tolerances(atol=SHORT_ATOL)
+    reference = kind.reference(source.peft_model, source.base.spec, tolerances, short_settings(greedy_tokens))
+    return summarize(kind.validate(folder, reference, source.base.spec, tolerances))
 
 
 def check_base_export(graph: Path, model, vocab_size: int) -> dict:

@@ -55,9 +55,15 @@ def run_exporter(plan: GraphPlan, path: Path, opset: int, model_type: str) -> No
     captured = io.StringIO()
     try:
         with torch.no_grad(), contextlib.redirect_stdout(captured):
-            torch.onnx.export(plan.module.eval(), plan.args, str(path), dynamo=True, opset_version=opset,
-                              input_names=plan.input_names, output_names=plan.output_names,
-                              dynamic_shapes=plan.dynamic_shapes, optimize=True, external_data=True, verbose=False)
+            program = torch.onnx.export(plan.module.eval(), plan.args, str(path), dynamo=True, opset_version=opset,
+                                        input_names=plan.input_names, output_names=plan.output_names,
+                                        dynamic_shapes=plan.dynamic_shapes, optimize=True, external_data=True,
+                                        verbose=False)
+        # The program's graph wraps the model's own parameters (and its ExportedProgram holds them), and
+        # something in the exporter keeps the program alive: cut both, so that releasing the model
+        # after validation's references really frees its weights.
+        if program is not None:
+            program.model = program.exported_program = None
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one typed error for users
         disk = os_error_in_chain(exc)
         if disk is not None:

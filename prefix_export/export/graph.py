@@ -15,8 +15,15 @@ TWO_GB = 2 * 1024**3
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the graph's initializers (what a single protobuf file must hold below 2 GB)."""
-    return sum(len(init.raw_data) if init.HasField("raw_data") else init.ByteSize() for init in model.graph.initializer)
+    """Bytes of the initializers held in the graph itself (what a single protobuf file must hold below 2 GB)."""
+    return sum(len(init.raw_data) if init.HasField("raw_data") else init.ByteSize() for init in model.graph.initializer
+               if init.data_location != onnx.TensorProto.EXTERNAL)
+
+
+# Above this, an export keeps its weights in `<graph>.data` beside the graph (as written by the
+# exporter, never reloaded); below it, one self-contained file, whose writing holds the weights in
+# memory twice more for a moment (a few hundred MB at most).
+EXTERNAL_DATA_ABOVE = 256 * 1024**2
 
 
 def too_large_for_one_file(weight_bytes: int) -> bool:
@@ -85,10 +92,28 @@ def upcast_bfloat16_arithmetic(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def _external_location(tensor) -> str | None:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers stored outside the graph file (their `length` entries)."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((entry.value for entry in init.external_data if entry.key == "length"), 0))
+    return total
+
+
 def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_external_data: bool = False) -> dict:
-    """Load the exporter's file, add metadata, and save to `final_path` (+ external data when needed)."""
+    """Read the exporter's graph without its weights, add metadata and dimension names, write `final_path`.
+
+    Weights above EXTERNAL_DATA_ABOVE (or with `force_external_data`) stay in the exporter's own data
+    file, renamed to `<graph>.data` beside `final_path`: they are never loaded, copied or held twice.
+    Smaller graphs are written as one self-contained file.
+    """
     try:
-        model = onnx.load(str(raw_path), load_external_data=True)
+        model = onnx.load(str(raw_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001
         raise ExportFailedError(f"the exporter's ONNX file {raw_path} could not be read back ({exc}).") from exc
     _name_present_dims(model)
@@ -96,16 +121,28 @@ def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_e
     del model.metadata_props[:]
     for key, value in sorted(metadata.items()):
         model.metadata_props.add(key=key, value=str(value))
-    weight_bytes = tensor_bytes(model)
-    external = force_external_data or too_large_for_one_file(weight_bytes)
+    weight_bytes = tensor_bytes(model) + external_bytes(model)
+    external = force_external_data or weight_bytes > EXTERNAL_DATA_ABOVE
     data_name = final_path.name + ".data"
-    if external:
-        onnx.save_model(model, str(final_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024, convert_attribute=False)
-    else:
+    locations = {_external_location(init) for init in model.graph.initializer
+                 if init.data_location == onnx.TensorProto.EXTERNAL}
+    if external and len(locations) == 1:
+        # The exporter's data file becomes ours by a rename; only the references to it change.
+        (raw_path.parent / locations.pop()).rename(final_path.parent / data_name)
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                next(entry for entry in init.external_data if entry.key == "location").value = data_name
         onnx.save_model(model, str(final_path))
+    else:
+        if locations:  # small enough to hold: one file (or the exporter split its data: gather it)
+            onnx.load_external_data_for_model(model, str(raw_path.parent))
+        if external:
+            onnx.save_model(model, str(final_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024, convert_attribute=False)
+        else:
+            onnx.save_model(model, str(final_path))
     try:
-        onnx.checker.check_model(str(final_path))  # by path: works for > 2 GB with external data
+        onnx.checker.check_model(str(final_path))  # by path: reads the graph, not its external weights
     except onnx.checker.ValidationError as exc:
         raise ExportFailedError(f"onnx.checker rejected the exported graph: {exc}") from exc
     info = {"graph": final_path.name, "external_data": data_name if external else None,

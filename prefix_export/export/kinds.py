@@ -54,6 +54,17 @@ def check_layout(layout: str) -> None:
         raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}.")
 
 
+def _validation_session(graph, dtype: str):
+    """A CPU session for validation. ONNX Runtime's CPU provider has no half-precision kernels for most
+    ops and casts the weights to float32: at the default (full) optimization level it keeps a float32
+    copy of every such weight (2x the graph's weights again, measured), at the extended level it casts
+    them as it runs, and without its memory arena each cast is freed at once."""
+    from ..runtime.sessions import create_session
+
+    half = dtype != "float32"
+    return create_session(graph, "cpu", optimization="extended" if half else None, memory_arena=not half)
+
+
 class ExportKind:
     name: str
     layout: str = "folded"
@@ -68,8 +79,16 @@ class ExportKind:
     def io_names(self, spec: ArchSpec, graph_name: str) -> dict:
         raise NotImplementedError
 
-    def validate(self, folder: ExportFolder, peft_model, spec: ArchSpec, tolerances, settings=None):
-        """The folder's graphs on ONNX Runtime (CPU) against `peft_model`: a ValidationReport."""
+    # Validation, in two phases: `reference` needs PEFT's model, `validate` only what `reference`
+    # returned, so that a caller can free the PyTorch model in between when `frees_model` says so.
+    frees_model = False
+
+    def reference(self, peft_model, spec: ArchSpec, tolerances, settings=None):
+        """Phase 1: what validation will compare against (PEFT's model itself, for kinds that need it)."""
+        return peft_model
+
+    def validate(self, folder: ExportFolder, reference, spec: ArchSpec, tolerances):
+        """Phase 2: the folder's graphs on ONNX Runtime (CPU) against `reference`: a ValidationReport."""
         raise NotImplementedError
 
 
@@ -87,23 +106,29 @@ class DecoderFolded(ExportKind):
     def io_names(self, spec, graph_name):
         return {"inputs": contract.input_names(spec.num_layers), "outputs": contract.output_names(spec.num_layers)}
 
-    def open_for_validation(self, folder: ExportFolder):
+    def open_for_validation(self, folder: ExportFolder, dtype: str = "float32"):
         """(the decoder validation drives, where its prefix is checked: {"graph_file"|"prefix_kv_file": path})."""
         from ..runtime.decoder import OnnxDecoder
-        from ..runtime.sessions import create_session
 
-        return OnnxDecoder(create_session(folder.graph, "cpu")), {"graph_file": folder.graph}
+        return OnnxDecoder(_validation_session(folder.graph, dtype)), {"graph_file": folder.graph}
 
-    def validate(self, folder, peft_model, spec, tolerances, settings=None):
-        from ..validate.decoder import validate
+    frees_model = True
+
+    def reference(self, peft_model, spec, tolerances, settings=None):
+        from ..validate.decoder import compute_reference
         from ..validate.report import ValidationSettings
 
         settings = settings or ValidationSettings()
-        decoder, where = self.open_for_validation(folder)
         budget = spec.max_positions - peft_model.active_peft_config.num_virtual_tokens \
             if spec.positions == "learned" else None
-        return validate(decoder, peft_model, spec.vocab_size, tolerances, max_positions=budget,
-                        **settings.decoder_kwargs(), **where)
+        return compute_reference(peft_model, spec.vocab_size, tolerances.relative, max_positions=budget,
+                                 **settings.decoder_kwargs())
+
+    def validate(self, folder, reference, spec, tolerances):
+        from ..validate.decoder import validate_graph
+
+        decoder, where = self.open_for_validation(folder, reference.dtype)
+        return validate_graph(decoder, reference, tolerances, **where)
 
 
 class DecoderCache(DecoderFolded):
@@ -113,11 +138,10 @@ class DecoderCache(DecoderFolded):
     def wrapper(self, model, prefix_kv, spec):
         return wrappers.PrefixFoldedDecoder(model, None, spec.num_layers)  # the plain base decoder
 
-    def open_for_validation(self, folder):
+    def open_for_validation(self, folder, dtype="float32"):
         from ..runtime.decoder import OnnxDecoder
-        from ..runtime.sessions import create_session
 
-        decoder = OnnxDecoder(create_session(folder.graph, "cpu"), folder.read_prefix())
+        decoder = OnnxDecoder(_validation_session(folder.graph, dtype), folder.read_prefix())
         return decoder, {"prefix_kv_file": folder.prefix_file}
 
 
@@ -176,13 +200,19 @@ class Seq2Seq(ExportKind):
                 contract_seq2seq.DECODER_GRAPH: {"inputs": contract_seq2seq.decoder_input_names(spec.num_layers),
                                                  "outputs": contract_seq2seq.decoder_output_names(spec.num_layers)}}
 
-    def validate(self, folder, peft_model, spec, tolerances, settings=None):
+    def reference(self, peft_model, spec, tolerances, settings=None):
+        # The seq2seq validator computes PEFT's references as it goes (fixed absolute tolerances):
+        # it keeps the model, with the settings.
+        from ..validate.report import ValidationSettings
+
+        return peft_model, settings or ValidationSettings()
+
+    def validate(self, folder, reference, spec, tolerances):
         from ..runtime.decoder import OnnxSeq2Seq
         from ..runtime.sessions import create_session
-        from ..validate.report import ValidationSettings
         from ..validate.seq2seq import validate_seq2seq
 
-        settings = settings or ValidationSettings()
+        peft_model, settings = reference
         model = OnnxSeq2Seq(create_session(folder.encoder_graph, "cpu"), create_session(folder.graph, "cpu"))
         return validate_seq2seq(model, peft_model, spec, tolerances, decoder_graph=folder.graph,
                                 **settings.seq2seq_kwargs())

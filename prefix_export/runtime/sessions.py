@@ -88,8 +88,12 @@ def open_session(folder: ExportFolder | str | Path, settings: SessionSettings | 
     return OpenedSession(session, provider, settings.provider, False, limits, options)
 
 
+_OPTIMIZATION_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                        "all": "ORT_ENABLE_ALL"}
+
+
 def create_session(graph: str | Path, provider: str = "cpu", options: dict[str, str] | None = None,
-                   threads: int | None = None):
+                   threads: int | None = None, optimization: str | None = None, memory_arena: bool = True):
     """The one place an ONNX Runtime session is made: `provider` (a partial name is fine) first, then the
     providers it falls back to for nodes it cannot run (providers.provider_chain); a provider that
     ONNX Runtime silently dropped is an error, not a quiet CPU run."""
@@ -104,6 +108,12 @@ def create_session(graph: str | Path, provider: str = "cpu", options: dict[str, 
     session_options.inter_op_num_threads = 1
     if threads:
         session_options.intra_op_num_threads = threads
+    # Without its arena ONNX Runtime returns each temporary at once (slower, but a float16 graph's
+    # float32 casts of its weights then never pile up on the CPU).
+    session_options.enable_cpu_mem_arena = memory_arena
+    session_options.enable_mem_pattern = memory_arena
+    if optimization is not None:  # ONNX Runtime's default is "all"
+        session_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
     available = providers.available_providers()
     chain = [(name, opts) for name, opts in providers.provider_chain(provider, options)
              if name == provider or name in available]

@@ -25,14 +25,57 @@ class BaseModel:
     source: str  # what the user passed
     local_dir: Path | None  # where its files are (local folder or hub cache snapshot)
     tokenizer: object | None
+    num_parameters: int = 0  # counted at load: still known after `release`
+    released_config: object | None = None
+
+    def __post_init__(self):
+        if self.model is not None and not self.num_parameters:
+            self.num_parameters = sum(p.numel() for p in self.model.parameters())
 
     @property
     def config(self):
-        return self.model.config
+        return self.model.config if self.model is not None else self.released_config
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def release(self) -> None:
+        """Drop the weights (the config stays): once validation's references are computed, the PyTorch
+        model must not sit beside ONNX Runtime's copy."""
+        if self.model is None:
+            return
+        self.released_config = self.model.config
+        # Free the weights themselves, not only our references: torch.onnx.export keeps references to
+        # the parameters it traced (from objects that outlive the export; see export/exporter.py).
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            storage = tensor.untyped_storage()
+            if storage.resizable():
+                storage.resize_(0)
+            else:  # memory-mapped from the checkpoint file: give its resident pages back instead
+                _drop_pages(storage.data_ptr(), storage.nbytes())
+        self.model = None
+
+
+_MADV_DONTNEED = 4  # linux/mman.h
+
+
+def _drop_pages(address: int, nbytes: int) -> None:
+    """madvise(DONTNEED) the whole pages of a read-only memory-mapped range: they leave this process's
+    resident memory and would be read from the file again if touched (they are not)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = (address + page - 1) // page * page
+    end = (address + nbytes) // page * page
+    if end <= start:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
 
 
 def _looks_like_path(source: str) -> bool:

@@ -7,6 +7,8 @@ references run the shared decode loop (runtime/loop.py) on steppers that call `f
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -27,8 +29,51 @@ def decoder_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarra
                          position_ids=torch.from_numpy(position_ids), use_cache=True, return_dict=True)
     presents = []
     for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
-        presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
-    return out.logits.float().numpy(), presents
+        # float64 holds every model dtype exactly, and a float64 run's results unrounded
+        presents += [key[:, :, P:].double().numpy(), value[:, :, P:].double().numpy()]
+    return out.logits.double().numpy(), presents
+
+
+@contextlib.contextmanager
+def in_float64(model: torch.nn.Module):
+    """Inside, `model` computes in float64 while holding one module's weights in float64 at a time.
+
+    Each module that owns parameters gets them upcast just before it runs and restored (the very same
+    tensors, so nothing is rounded) right after, and floating inputs reaching it are upcast: the
+    activations then flow in float64 from the embedding on. `model.double()` would need a float64 copy
+    of the whole model (4x an fp16 model's bytes), which a 7B model on a 24 GB machine cannot afford.
+    Code that computes in float32 on purpose (RMSNorm's variance, rotary tables) keeps doing so.
+    """
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+
+    def upcast(value):
+        return value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+
+    def before(module, args, kwargs):
+        originals = saved.setdefault(id(module), {})
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and name not in originals:
+                originals[name] = param.data
+                param.data = param.data.double()
+        return tuple(upcast(a) for a in args), {k: upcast(v) for k, v in kwargs.items()}
+
+    def after(module, args, kwargs, output):
+        for name, original in saved.pop(id(module), {}).items():
+            getattr(module, name).data = original
+
+    handles = []
+    for module in owners:
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in owners:  # a forward that raised midway: put back what it upcast
+            after(module, (), {}, None)
 
 
 def seq2seq_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray,

@@ -124,8 +124,8 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
         prompt_lengths = tuple(min(n, spec.max_positions) for n in prompt_lengths)
     report = ValidationReport(settings={"prompt_lengths": list(prompt_lengths), "first_step_tokens": first_step_tokens,
                                         "decode_steps": decode_steps, "greedy_tokens": greedy_tokens, "seed": seed,
-                                        "decoder_start_token_id": start, "atol": tolerances.atol,
-                                        "per_output_atol": tolerances.per_output})
+                                        "decoder_start_token_id": start, **tolerances.describe(),
+                                        "rule": "absolute", "float64_reference": False})
     tick = progress or (lambda *_: None)
     if decoder_graph is not None:
         check_folded_prefix(report, decoder_graph, peft_model, spec.num_layers, tolerances)
