@@ -107,7 +107,8 @@ def peak_memory_mb() -> float:
 def _model_files(base: BaseModel) -> list[Path]:
     if base.local_dir is None:
         return []
-    patterns = ("config.json", "*.safetensors", "*.bin", "generation_config.json")
+    # sharded checkpoints: every shard and its index (model.safetensors.index.json)
+    patterns = ("config.json", "*.safetensors", "*.bin", "*.index.json", "generation_config.json")
     return sorted({p for pattern in patterns for p in base.local_dir.glob(pattern) if p.is_file()})
 
 
@@ -150,6 +151,12 @@ def _existing_path(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else None
 
 
+def torch_bfloat16():
+    import torch
+
+    return torch.bfloat16
+
+
 def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_line: list[str] | None) -> dict:
     base, prefix_kv = source.base, source.prefix_kv
     inputs = {"model": base.source, "prefix": source.prefix_source, "model_path": _existing_path(base.source),
@@ -163,6 +170,9 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
             "prefix": {"num_virtual_tokens": prefix_kv.num_virtual_tokens, "shape": list(prefix_kv.tensor.shape),
                        "shape_meaning": "(L, 2, H_kv, P, D)", "dtype": str(prefix_kv.tensor.dtype).replace("torch.", ""),
                        "prefix_projection": bool(source.checkpoint.config.prefix_projection)},
+            "dtype": (base.dtype_choice.to_dict() if base.dtype_choice is not None else
+                      {"checkpoint": None, "exported": str(prefix_kv.tensor.dtype).replace("torch.", ""),
+                       "why": "as loaded (the checkpoint's dtype, or --dtype)"}),
             "io": kind.io_names(base.spec, graph_name)}
 
 
@@ -249,6 +259,13 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
         source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
         spec = source.base.spec
         kind = kind_for(spec, layout)
+        if run_validation and source.prefix_kv.tensor.dtype == torch_bfloat16():
+            raise UnsupportedError(
+                "a bfloat16 graph cannot be validated here: ONNX Runtime's CPU provider has no bfloat16 kernels "
+                "for MatMul, Softmax, Expand, Where and more. Export in float16 or float32 (no --dtype: a "
+                "bfloat16 checkpoint is exported in float16, or float32 where its activations need it), or, "
+                "for a GPU target, pass --dtype bfloat16 --no-validate and check the graph there "
+                "(`prefix-export validate` needs a CPU-runnable graph).")
         if triton and spec.is_seq2seq:
             raise UnsupportedError(f"--triton writes an entry for one decoder graph; {spec.model_type} exports "
                                    "an encoder and a decoder graph, which need a Triton ensemble (not written yet).")

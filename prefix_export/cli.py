@@ -60,7 +60,9 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens of the greedy check (default by model size: 32 up to 1.5B parameters, 16 up "
                              "to 4B, 8 above; at least 1)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="load the model in this dtype (default: as saved)")
+                        help="export in this dtype (default: as saved; a bfloat16 checkpoint in float16, or float32 "
+                             "where its measured activations need float16's range; bfloat16 only with "
+                             "--no-validate, for GPU targets)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--external-data", action="store_true",
                         help="always write weights as external data (automatic above 2 GB)")
@@ -201,6 +203,9 @@ def _print_export_summary(result) -> None:
                        f"({report['inputs']['checkpoint_kind']})"),
             ("graph", f"{graph['graph']}, {graph['nodes']} nodes, {graph['weight_bytes'] / 1e6:.1f} MB weights"
                       + (f", external data {graph['external_data']}" if graph["external_data"] else "")),
+            ("dtype", f"{report['dtype']['exported']}"
+                      + (f" from a {report['dtype']['checkpoint']} checkpoint: {report['dtype']['why']}"
+                         if report["dtype"].get("checkpoint") else "")),
             ("time", f"export {report['timing_s']['export']:.1f}s, "
                      + (f"validation {report['timing_s']['validation']:.1f}s, " if "validation" in report["timing_s"]
                         else "") + f"total {report['timing_s']['total']:.1f}s, peak memory "

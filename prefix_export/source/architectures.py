@@ -48,6 +48,9 @@ class ArchSpec:
     max_positions: int | None
     sliding_window: int | None = None
     notes: tuple[str, ...] = ()
+    # Why a float16 export of this family cannot be trusted (None: it can, when the measured numbers
+    # allow; see source/dtypes.py). A bfloat16 checkpoint of such a family is exported in float32.
+    float16_unsafe: str | None = None
     family: str = FAMILY_DECODER
     num_encoder_layers: int | None = None  # seq2seq only
     decoder_start_token_id: int | None = None  # seq2seq only: the first decoder token
@@ -198,7 +201,9 @@ def _bart(config) -> ArchSpec:
     # Learned positions with BART's offset of 2: the table has max_position_embeddings usable rows.
     return _multi_head("bart", config.decoder_layers, config.decoder_attention_heads, config.d_model,
                        config.vocab_size, "learned", config.max_position_embeddings, family=FAMILY_SEQ2SEQ,
-                       num_encoder_layers=config.encoder_layers, decoder_start_token_id=config.decoder_start_token_id)
+                       num_encoder_layers=config.encoder_layers, decoder_start_token_id=config.decoder_start_token_id,
+                       float16_unsafe="BartEncoderLayer clamps float16 overflow behind a data-dependent `if` that "
+                                      "torch.export cannot trace (transformers 5.24)")
 
 
 @register("t5")
@@ -208,7 +213,9 @@ def _t5(config) -> ArchSpec:
         model_type="t5", num_layers=config.num_decoder_layers, num_attention_heads=config.num_heads,
         num_kv_heads=config.num_heads, head_dim=config.d_kv, hidden_size=config.d_model,
         vocab_size=config.vocab_size, positions="relative", max_positions=None, family=FAMILY_SEQ2SEQ,
-        num_encoder_layers=config.num_layers, decoder_start_token_id=config.decoder_start_token_id)
+        num_encoder_layers=config.num_layers, decoder_start_token_id=config.decoder_start_token_id,
+        float16_unsafe="T5's feed-forward activations overflow float16 in released checkpoints (transformers "
+                       "clamps them to float16's range in float16, which changes the result)")
 
 
 # ---- cache compatibility (kept here so version checks live in one place) -------------------------

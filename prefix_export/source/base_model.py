@@ -27,6 +27,7 @@ class BaseModel:
     tokenizer: object | None
     num_parameters: int = 0  # counted at load: still known after `release`
     released_config: object | None = None
+    dtype_choice: object | None = None  # dtypes.DtypeChoice when a bfloat16 checkpoint was cast at load
 
     def __post_init__(self):
         if self.model is not None and not self.num_parameters:
@@ -145,9 +146,16 @@ def load_base_model(source: str | Path, dtype: str | None = None) -> BaseModel:
                          "save_pretrained(). Save or download the model again.") from exc
     model.eval()
     _check_finite_weights(model, source)
+    choice = None
+    if torch_dtype is None and next(model.parameters()).dtype == torch.bfloat16:
+        # Saved in bfloat16 and no --dtype: float16 or float32, from the model's own numbers.
+        from . import dtypes
+
+        choice = dtypes.choose_for_bfloat16(model, spec.vocab_size, spec.float16_unsafe)
+        dtypes.apply(model, choice)
     local_dir = path if path.exists() else _snapshot_dir(source)
     return BaseModel(model=model, spec=spec, source=source, local_dir=local_dir,
-                     tokenizer=load_tokenizer(str(local_dir) if local_dir else source))
+                     tokenizer=load_tokenizer(str(local_dir) if local_dir else source), dtype_choice=choice)
 
 
 def _check_finite_weights(model: torch.nn.Module, source: str) -> None:

@@ -105,6 +105,7 @@ class DecoderReferenceStepper:
         self.tokens = prompt.astype(np.int64)[None, :]
         self.first_tokens = self.tokens
         self.started = False
+        self.logits: list[np.ndarray] = []  # (V,) per step: where a step's choice was nearly a tie
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         if self.started:
@@ -112,6 +113,7 @@ class DecoderReferenceStepper:
         self.started = True
         mask = np.ones_like(self.tokens)
         logits, _ = decoder_forward(self.peft_model, self.tokens, mask, positions_from_mask(mask))
+        self.logits.append(logits[0, -1].astype(np.float32))
         return logits[:, -1:]
 
 
@@ -132,8 +134,10 @@ class Seq2SeqReferenceStepper:
 
 
 def reference_greedy(peft_model, prompt: np.ndarray, max_new_tokens: int,
-                     decoder_start_token_id: int | None = None) -> np.ndarray:
-    """Greedy tokens (T,) from PEFT's forward; seq2seq when `decoder_start_token_id` is given."""
+                     decoder_start_token_id: int | None = None, with_logits: bool = False):
+    """Greedy tokens (T,) from PEFT's forward; seq2seq when `decoder_start_token_id` is given.
+    `with_logits` (decoder only): also each step's logits (T, V), to tell a near-tie from a mismatch."""
     stepper = (DecoderReferenceStepper(peft_model, prompt) if decoder_start_token_id is None
                else Seq2SeqReferenceStepper(peft_model, prompt, decoder_start_token_id))
-    return generate(stepper, GenerationConfig.greedy(max_new_tokens))[0]
+    tokens = generate(stepper, GenerationConfig.greedy(max_new_tokens))[0]
+    return (tokens, np.stack(stepper.logits)) if with_logits else tokens
