@@ -267,6 +267,11 @@ class ExportFolder:
         return self.config.get("n_positions")
 
     @property
+    def dtype(self) -> str:
+        """The dtype the graph computes in (the report's prefix dtype; float32 without a report)."""
+        return (self.report.get("prefix") or {}).get("dtype", "float32")
+
+    @property
     def sliding_window(self) -> int | None:
         return self.architecture.get("sliding_window")
 

@@ -33,6 +33,10 @@ SHAPES = {
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                        max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5,
                        tie_word_embeddings=False),
+    # TinyLlama-1.1B-shaped (22 layers, GQA 32/4): the 1.1B memory figure, re-measured.
+    "llama-1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
     # A small shape with the same code path, to try the tool in a minute.
     "smoke": dict(model_type="mistral", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512,

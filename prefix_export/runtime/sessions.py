@@ -75,15 +75,20 @@ def open_session(folder: ExportFolder | str | Path, settings: SessionSettings | 
     graph = graph or folder.graph
     if settings.fallback not in (None, "cpu"):
         raise InputError(f"--fallback {settings.fallback!r}: the only fallback is 'cpu'.")
+    # ONNX Runtime's CPU provider has no half-precision kernels for most ops: at its full optimization
+    # level it keeps a float32 copy of every such weight (a 7B float16 export: 27 GB more, killed on
+    # a 24 GB machine, seen); the extended level casts them as it runs instead.
+    lean = None if folder.dtype == "float32" else "extended"
     try:
         provider = providers.resolve_provider(settings.provider)
         options, limits = build_provider_options(folder, provider, settings)
-        session = create_session(graph, provider, options, settings.threads)
+        session = create_session(graph, provider, options, settings.threads,
+                                 optimization=lean if provider == providers.CPU else None)
     except RuntimeSetupError as exc:
         if settings.fallback != "cpu":
             raise
         log.warning("falling back to the CPU as asked (--fallback cpu): %s", exc)
-        session = create_session(graph, providers.CPU, {}, settings.threads)
+        session = create_session(graph, providers.CPU, {}, settings.threads, optimization=lean)
         return OpenedSession(session, providers.CPU, settings.provider, True, None, {})
     return OpenedSession(session, provider, settings.provider, False, limits, options)
 

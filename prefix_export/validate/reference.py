@@ -8,6 +8,7 @@ references run the shared decode loop (runtime/loop.py) on steppers that call `f
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -34,6 +35,21 @@ def decoder_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarra
     return out.logits.double().numpy(), presents
 
 
+_ROWS = 4096  # output features per float64 slice of a weight
+
+
+def _linear_float64(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` in float64, its weight upcast _ROWS output rows at a time."""
+    x = x.double()
+    out = x.new_empty(*x.shape[:-1], module.out_features)
+    for start in range(0, module.out_features, _ROWS):
+        rows = slice(start, start + _ROWS)
+        out[..., rows] = x @ module.weight[rows].double().T
+        if module.bias is not None:
+            out[..., rows] += module.bias[rows].double()
+    return out
+
+
 @contextlib.contextmanager
 def in_float64(model: torch.nn.Module):
     """Inside, `model` computes in float64 while holding one module's weights in float64 at a time.
@@ -45,6 +61,13 @@ def in_float64(model: torch.nn.Module):
     Code that computes in float32 on purpose (RMSNorm's variance, rotary tables) keeps doing so.
     """
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    # A lookup table gives its rows exactly in any dtype: upcast what it returns, not the whole table
+    # (the largest weight of most models, 4x an fp16 table's bytes in float64).
+    lookups = [m for m in owners if isinstance(m, torch.nn.Embedding)]
+    # A linear layer computes from float64 slices of its weight, never a whole float64 copy (lm_head:
+    # vocab x hidden x 8 bytes, 1 GB for a 7B model).
+    linears = [m for m in owners if type(m) is torch.nn.Linear]
+    owners = [m for m in owners if not isinstance(m, torch.nn.Embedding) and type(m) is not torch.nn.Linear]
     saved: dict[int, dict[str, torch.Tensor]] = {}
 
     def upcast(value):
@@ -62,7 +85,9 @@ def in_float64(model: torch.nn.Module):
         for name, original in saved.pop(id(module), {}).items():
             getattr(module, name).data = original
 
-    handles = []
+    handles = [module.register_forward_hook(lambda module, args, output: upcast(output)) for module in lookups]
+    for module in linears:
+        module.forward = functools.partial(_linear_float64, module)
     for module in owners:
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after, with_kwargs=True))
@@ -70,6 +95,8 @@ def in_float64(model: torch.nn.Module):
         with torch.no_grad():
             yield model
     finally:
+        for module in linears:
+            del module.forward  # the class's own forward again
         for handle in handles:
             handle.remove()
         for module in owners:  # a forward that raised midway: put back what it upcast
