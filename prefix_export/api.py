@@ -151,12 +151,6 @@ def _existing_path(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else None
 
 
-def torch_bfloat16():
-    import torch
-
-    return torch.bfloat16
-
-
 def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_line: list[str] | None) -> dict:
     base, prefix_kv = source.base, source.prefix_kv
     inputs = {"model": base.source, "prefix": source.prefix_source, "model_path": _existing_path(base.source),
@@ -250,6 +244,13 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
 
     started = time.perf_counter()
     check_layout(layout)
+    if run_validation and dtype in ("bfloat16", "bf16"):  # refused before minutes of loading
+        raise UnsupportedError(
+            "a bfloat16 graph cannot be validated here: ONNX Runtime's CPU provider has no bfloat16 kernels for "
+            "MatMul, Softmax, Expand, Where and more. Export in float16 or float32 (no --dtype: a bfloat16 "
+            "checkpoint is exported in float16, or float32 where its activations need it), or, for a GPU target, "
+            "pass --dtype bfloat16 --no-validate and check the graph there (`prefix-export validate` needs a "
+            "CPU-runnable graph).")
     destination, graph_name = resolve_output(out)
     output.check_destination(destination, force)
     if isinstance(triton, str):
@@ -259,13 +260,6 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
         source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
         spec = source.base.spec
         kind = kind_for(spec, layout)
-        if run_validation and source.prefix_kv.tensor.dtype == torch_bfloat16():
-            raise UnsupportedError(
-                "a bfloat16 graph cannot be validated here: ONNX Runtime's CPU provider has no bfloat16 kernels "
-                "for MatMul, Softmax, Expand, Where and more. Export in float16 or float32 (no --dtype: a "
-                "bfloat16 checkpoint is exported in float16, or float32 where its activations need it), or, "
-                "for a GPU target, pass --dtype bfloat16 --no-validate and check the graph there "
-                "(`prefix-export validate` needs a CPU-runnable graph).")
         if triton and spec.is_seq2seq:
             raise UnsupportedError(f"--triton writes an entry for one decoder graph; {spec.model_type} exports "
                                    "an encoder and a decoder graph, which need a Triton ensemble (not written yet).")
