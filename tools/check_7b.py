@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -113,14 +112,21 @@ def build_prefix(model: Path, folder: Path, num_virtual_tokens: int = 20) -> Non
               str(folder / "adapter_model.safetensors"))
 
 
+# A fresh wrapper process per command: its only child is the command, so its ru_maxrss of children is
+# that command's peak alone (this process's own RUSAGE_CHILDREN is the max over every child so far).
+WRAPPER = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+           "sys.stderr.write(f'\\npeak_kb {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n'); "
+           "sys.exit(done.returncode)")
+
+
 def run_measured(command: list[str]) -> dict:
-    """Run `command`; its wall time, exit code, output tail and peak RSS (the child's ru_maxrss)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `command`; its wall time, exit code, output tail and its own peak RSS."""
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    peak_kb = int(done.stderr.rsplit("peak_kb", 1)[1].split()[0]) if "peak_kb" in done.stderr else 0
     return {"command": " ".join(command), "exit_code": done.returncode, "wall_s": round(time.perf_counter() - started, 1),
-            "peak_rss_gb": round(max(peak_kb, before) / 1024**2, 2), "stdout_tail": done.stdout[-4000:],
+            "peak_rss_gb": round(peak_kb / 1024**2, 2), "stdout_tail": done.stdout[-4000:],
             "stderr_tail": done.stderr[-3000:]}
 
 
