@@ -122,7 +122,7 @@ class DecoderFolded(ExportKind):
         budget = spec.max_positions - peft_model.active_peft_config.num_virtual_tokens \
             if spec.positions == "learned" else None
         return compute_reference(peft_model, spec.vocab_size, tolerances.relative, max_positions=budget,
-                                 **settings.decoder_kwargs())
+                                 **settings.kwargs())
 
     def validate(self, folder, reference, spec, tolerances):
         from ..validate.decoder import validate_graph
@@ -215,7 +215,7 @@ class Seq2Seq(ExportKind):
         peft_model, settings = reference
         model = OnnxSeq2Seq(create_session(folder.encoder_graph, "cpu"), create_session(folder.graph, "cpu"))
         return validate_seq2seq(model, peft_model, spec, tolerances, decoder_graph=folder.graph,
-                                **settings.seq2seq_kwargs())
+                                **settings.kwargs())
 
 
 def kind_for(spec: ArchSpec, layout: str = "folded") -> ExportKind:

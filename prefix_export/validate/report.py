@@ -56,10 +56,8 @@ class ValidationSettings:
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in fields}
         return dataclasses.replace(defaults, **values)
 
-    def decoder_kwargs(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def seq2seq_kwargs(self) -> dict:
+    def kwargs(self) -> dict:
+        """As keyword arguments of either validator (validate.decoder, validate.seq2seq)."""
         return dataclasses.asdict(self)
 
 
