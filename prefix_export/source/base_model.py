@@ -11,6 +11,7 @@ import torch
 
 from . import architectures
 from ..errors import InputError
+from ..folder import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,12 @@ def _snapshot_dir(source: str) -> Path | None:
         return None
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 def load_tokenizer(source: str):
     """The model's tokenizer, or None when it has none (token ids are used then)."""
     folder = Path(source).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None  # transformers would otherwise fall back to a default tokenizer for the model type
     try:
         from transformers import AutoTokenizer
