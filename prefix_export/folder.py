@@ -271,6 +271,12 @@ class ExportFolder:
         """The dtype the graph computes in (the report's prefix dtype; float32 without a report)."""
         return (self.report.get("prefix") or {}).get("dtype", "float32")
 
+    def graph_bytes(self, graph: Path | None = None) -> int:
+        """Bytes of a graph (the decoder's by default) on disk, its external data file included."""
+        graph = graph or self.graph
+        data = graph.with_name(graph.name + ".data")
+        return sum(path.stat().st_size for path in (graph, data) if path.is_file())
+
     @property
     def sliding_window(self) -> int | None:
         return self.architecture.get("sliding_window")

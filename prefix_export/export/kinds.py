@@ -55,14 +55,10 @@ def check_layout(layout: str) -> None:
 
 
 def _validation_session(graph, dtype: str):
-    """A CPU session for validation. ONNX Runtime's CPU provider has no half-precision kernels for most
-    ops and casts the weights to float32: at the default (full) optimization level it keeps a float32
-    copy of every such weight (2x the graph's weights again, measured), at the extended level it casts
-    them as it runs, and without its memory arena each cast is freed at once."""
+    """A CPU session for validation; a half-precision graph's in low-memory mode (create_session)."""
     from ..runtime.sessions import create_session
 
-    half = dtype != "float32"
-    return create_session(graph, "cpu", optimization="extended" if half else None, memory_arena=not half)
+    return create_session(graph, "cpu", low_memory=dtype != "float32")
 
 
 class ExportKind:
