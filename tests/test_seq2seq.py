@@ -104,6 +104,13 @@ def test_seq2seq_family_matches_peft(tmp_path, model_dirs, model_type, projectio
         assert report["validation"]["passed"]
     settings = report["validation"]["settings"]
     assert settings["decode_steps"] >= 8 and settings["greedy_tokens"] >= 8
+    # Judged against PEFT in float64, with PyTorch fp32's own error as the yardstick (like decoders).
+    assert settings["rule"] == "noise-relative" and settings["float64_reference"]
+    logits_rows = [row for row in report["validation"]["summary"] if row["output"] == "logits"]
+    assert logits_rows and all(row["pytorch_vs_fp64"] is not None for row in logits_rows)
+    with capsys.disabled():
+        print("\n" + "\n".join(f"{model_type} {row['check']} logits: {row['max_abs']:.2e} vs float64, PyTorch fp32 "
+                               f"{row['pytorch_vs_fp64']:.2e}, limit {row['atol']:.2e}" for row in logits_rows))
     checks = {row["check"] for row in report["validation"]["summary"]}
     assert {"prefix", "encoder", "prefill", "decode"} <= checks
 

@@ -104,24 +104,32 @@ def in_float64(model: torch.nn.Module):
 
 
 def seq2seq_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray,
-                    num_layers: int | None = None):
+                    num_layers: int | None = None, float64: bool = False):
     """PEFT forward over the whole decoder sequence: logits (B, T, V), encoder output (B, S, d),
-    the user part of the self-attention cache ([P:]) and the cross-attention cache, numpy.
+    the user part of the self-attention cache ([P:]) and the cross-attention cache, numpy float32,
+    or, with `float64`, computed in float64 (in_float64) and returned as float64.
 
     PEFT's self-attention cache has a layer per *encoder* layer; a shallower decoder's cache is its
     first `num_layers`."""
+    if float64:
+        with in_float64(peft_model):
+            return seq2seq_forward(peft_model, input_ids, attention_mask, decoder_input_ids, num_layers)
     P = peft_model.active_peft_config.num_virtual_tokens
     with torch.no_grad():
         out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                          decoder_input_ids=torch.from_numpy(decoder_input_ids), use_cache=True, return_dict=True)
     self_layers, cross_layers = architectures.encoder_decoder_cache_tensors(architectures.output_cache(out))
     self_layers, cross_layers = self_layers[:num_layers], cross_layers[:num_layers]
+
+    def array(tensor: torch.Tensor) -> np.ndarray:  # float64 stays float64, half precision becomes float32
+        return tensor.numpy() if tensor.dtype == torch.float64 else tensor.float().numpy()
+
     presents = []
     for key, value in self_layers:
-        presents += [key[:, :, P:].float().numpy(), value[:, :, P:].float().numpy()]
+        presents += [array(key[:, :, P:]), array(value[:, :, P:])]
     for key, value in cross_layers:
-        presents += [key.float().numpy(), value.float().numpy()]
-    return out.logits.float().numpy(), out.encoder_last_hidden_state.float().numpy(), presents
+        presents += [array(key), array(value)]
+    return array(out.logits), array(out.encoder_last_hidden_state), presents
 
 
 class DecoderReferenceStepper:

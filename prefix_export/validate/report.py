@@ -78,8 +78,8 @@ class Tolerances:
         max |onnx - ref64| <= noise_factor * max |ref - ref64| + floor,
     i.e. when the export is within a small factor of how far PyTorch itself is from the exact result.
     A fixed absolute tolerance (`atol`, or `per_output` for names or globs like `present.*`) compares
-    with the model-dtype reference instead, as `--atol` asks; `fallback_atol` is used where no float64
-    reference exists (encoder-decoder exports).
+    with the model-dtype reference instead, as `--atol` asks; `fallback_atol` is the limit reported
+    where no float64 reference was computed.
     """
 
     atol: float | None = None

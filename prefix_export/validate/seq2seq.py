@@ -3,7 +3,9 @@
 Same two phases and report as validate.py (Comparison, compare, ValidationReport). The reference is
 PEFT's forward over the whole decoder sequence at every step (no cache, encoder rerun each time),
 which shares no code with export_seq2seq.py; greedy decoding on the reference is a loop on that
-forward, never `PeftModel.generate()`.
+forward, never `PeftModel.generate()`. Under the default noise-relative rule (report.Tolerances) the
+same forward also runs in float64, and the export is judged against that, with PyTorch's own error
+as the yardstick.
 
 Checks, in order (each collects its failures; nothing stops at the first):
   0. prefix: the decoder's `prefix_decoder_{key,value}_{i}` initializers equal PEFT's self-attention
@@ -71,9 +73,14 @@ def check_folded_prefix(report: ValidationReport, decoder_graph, peft_model, num
             report.comparisons.append(compare("prefix", label, found[name], reference.float().numpy(), atol))
 
 
-def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, presents, ref_logits, ref_presents,
+def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, presents, reference, reference64,
                         encoder_mask: np.ndarray, vocab: int) -> bool:
-    """Names, shapes, finiteness, then values; logits compared at the last len(logits) positions."""
+    """Names, shapes, finiteness, then values; logits compared at the last len(logits) positions.
+
+    `reference` and `reference64` are seq2seq_forward's (logits, presents) in the model's dtype and in
+    float64 (None under the absolute rule)."""
+    ref_logits, ref_presents = reference
+    ref64_logits, ref64_presents = reference64 if reference64 is not None else (None, [None] * len(ref_presents))
     L = model.num_layers
     expected_names = contract.decoder_output_names(L)
     if model.decoder_output_names != expected_names:
@@ -89,18 +96,20 @@ def _check_decoder_step(report, check, model: OnnxSeq2Seq, tolerances, logits, p
     if not check_shapes_and_finite(report, check, expected_names, [logits, *presents], shapes):
         return False
     report.comparisons.append(compare(check, contract.LOGITS, logits, ref_logits[:, -seq:],
-                                      tolerances.for_output(contract.LOGITS)))
+                                      tolerances.for_output(contract.LOGITS), None,
+                                      None if ref64_logits is None else ref64_logits[:, -seq:], tolerances))
     cross_where = encoder_mask[:, None, :, None].astype(bool)
     if len(ref_presents) != len(presents):
         report.problems.append(f"{check}: PEFT's cache has {len(ref_presents)} tensors, the graph returns "
                                f"{len(presents)} presents")
         return False
-    for name, actual, reference in zip(expected_names[1:], presents, ref_presents):
-        if actual.shape != reference.shape:
-            report.problems.append(f"{check}: {name} has shape {actual.shape}, PEFT's cache {reference.shape}")
+    for name, actual, ref, ref64 in zip(expected_names[1:], presents, ref_presents, ref64_presents):
+        if actual.shape != ref.shape:
+            report.problems.append(f"{check}: {name} has shape {actual.shape}, PEFT's cache {ref.shape}")
             continue
         where = cross_where if ".encoder." in name else None
-        report.comparisons.append(compare(check, name, actual, reference, tolerances.for_output(name), where))
+        report.comparisons.append(compare(check, name, actual, ref, tolerances.for_output(name), where, ref64,
+                                          tolerances))
     return True
 
 
@@ -125,7 +134,7 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
     report = ValidationReport(settings={"prompt_lengths": list(prompt_lengths), "first_step_tokens": first_step_tokens,
                                         "decode_steps": decode_steps, "greedy_tokens": greedy_tokens, "seed": seed,
                                         "decoder_start_token_id": start, **tolerances.describe(),
-                                        "rule": "absolute", "float64_reference": False})
+                                        "float64_reference": tolerances.relative})
     tick = progress or (lambda *_: None)
     if decoder_graph is not None:
         check_folded_prefix(report, decoder_graph, peft_model, spec.num_layers, tolerances)
@@ -144,6 +153,15 @@ def _run_checks(report, model, peft_model, spec, tolerances, prompt_lengths, fir
                 greedy_tokens, greedy_prompts, seed, start, tick) -> None:
     """Checks 1-4; `model` is the guarded OnnxSeq2Seq, whose `stage` names the check running."""
     vocab = spec.vocab_size
+
+    def reference64(ids, mask, decoder_ids) -> tuple:
+        """PEFT's forward in float64 (logits, encoder output, presents) when the noise-relative rule
+        judges; Nones under the absolute rule. The encoder batch is right-padded, which float64 takes:
+        every query position has a real key, so no softmax row is all masked (see decoder._rows_alone)."""
+        if not tolerances.relative:
+            return None, None, None
+        return seq2seq_forward(peft_model, ids, mask, decoder_ids, spec.num_layers, float64=True)
+
     # 1. encoder: right-padded batch; only real positions are compared.
     # Right-padded (the seq2seq convention); ids from 3 up, clear of bart/t5's special tokens.
     ids, mask, prompts = make_prompts(vocab, prompt_lengths, seed, side="right", lowest_token_id=3)
@@ -157,17 +175,19 @@ def _run_checks(report, model, peft_model, spec, tolerances, prompt_lengths, fir
     decoder_ids = np.concatenate([np.full((batch, 1), start, np.int64),
                                   rng.integers(3, vocab, size=(batch, first_step_tokens - 1), dtype=np.int64)], axis=1)
     ref_logits, ref_hidden, ref_presents = seq2seq_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
+    ref64_logits, ref64_hidden, ref64_presents = reference64(ids, mask, decoder_ids)
     if check_shapes_and_finite(report, "encoder", [contract.LAST_HIDDEN_STATE], [hidden],
                      {contract.LAST_HIDDEN_STATE: ref_hidden.shape}):
         report.comparisons.append(compare("encoder", contract.LAST_HIDDEN_STATE, hidden, ref_hidden,
                                           tolerances.for_output(contract.LAST_HIDDEN_STATE),
-                                          mask[:, :, None].astype(bool)))
+                                          mask[:, :, None].astype(bool), ref64_hidden, tolerances))
     tick("encoder")
 
     # 2. prefill: the first decoder step computes the cross-attention K/V from the encoder output.
     model.stage = "prefill"
     logits, past = model.decode(decoder_ids, mask, hidden, model.empty_past(batch))
-    ok = _check_decoder_step(report, "prefill", model, tolerances, logits, past, ref_logits, ref_presents, mask, vocab)
+    ok = _check_decoder_step(report, "prefill", model, tolerances, logits, past, (ref_logits, ref_presents),
+                             None if ref64_logits is None else (ref64_logits, ref64_presents), mask, vocab)
     tick("prefill")
 
     # 3. decode: feed the graph's own presents back, no new encoder states; fixed random next tokens.
@@ -178,8 +198,10 @@ def _run_checks(report, model, peft_model, spec, tolerances, prompt_lengths, fir
         decoder_ids = np.concatenate([decoder_ids, next_ids], axis=1)
         logits, past = model.decode(next_ids, mask, no_states, past)
         ref_logits, _, ref_presents = seq2seq_forward(peft_model, ids, mask, decoder_ids, spec.num_layers)
-        if not _check_decoder_step(report, f"decode[{step}]", model, tolerances, logits, past, ref_logits,
-                                   ref_presents, mask, vocab):
+        ref64_logits, _, ref64_presents = reference64(ids, mask, decoder_ids)
+        if not _check_decoder_step(report, f"decode[{step}]", model, tolerances, logits, past,
+                                   (ref_logits, ref_presents),
+                                   None if ref64_logits is None else (ref64_logits, ref64_presents), mask, vocab):
             break
         tick(f"decode[{step}]")
 
