@@ -269,9 +269,8 @@ def cmd_generate(args) -> int:
 
     if streaming and args.prompt:
         from .folder import ExportFolder
-        from .runtime.generate import load_tokenizer
 
-        shown["tokenizer"] = load_tokenizer(ExportFolder.open(args.out_dir))
+        shown["tokenizer"] = ExportFolder.open(args.out_dir).load_tokenizer()
         if shown["tokenizer"] is None:
             streaming = False
     result = generate_from_folder(

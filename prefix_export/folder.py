@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,25 @@ PREFIX_KV_FILE = "prefix_kv.safetensors"
 PREFIX_KV_TENSOR = "prefix_kv"
 REPORT_FILE = "export_report.json"
 LAYOUTS = ("folded", "cache")
+log = logging.getLogger(__name__)
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer of a model folder, an export folder or a hub name, or None when there is none
+    (token ids are used then). The one tokenizer loader, for the source model and the export alike."""
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None  # transformers would otherwise fall back to a default tokenizer for the model type
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as exc:  # noqa: BLE001 - a model without a usable tokenizer still runs on token ids
+        (log.warning if folder.is_dir() else log.info)("no usable tokenizer in %s (%s: %s); token ids only",
+                                                         source, type(exc).__name__, exc)
+        return None
 
 
 def sha256(path: Path) -> str:
@@ -179,6 +198,10 @@ class ExportFolder:
 
     def has_tokenizer(self) -> bool:
         return any((self.path / name).is_file() for name in TOKENIZER_FILES)
+
+    def load_tokenizer(self):
+        """The folder's own tokenizer, or None (see load_tokenizer)."""
+        return load_tokenizer(self.path)
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.path.rglob("*") if p.is_file())

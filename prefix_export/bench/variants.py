@@ -195,14 +195,13 @@ def embedded_agreement(folder: Path, workdir: Path, prompts_n: int = 48, greedy_
     from ..api import export_prefix_model
     from ..compile.passes import agreement, quantize_int8
     from ..runtime.decoder import OnnxDecoder
-    from ..runtime.generate import load_tokenizer
     from ..runtime.sessions import create_session
 
     exported = export_prefix_model(str(folder / "base"), str(folder / "prefix"), workdir / "embedded", force=True,
                                    progress=False)
     int8 = workdir / "embedded-int8.onnx"
     quantize_int8(exported.graph, int8)
-    tokenizer = load_tokenizer(ExportFolder(exported.folder))
+    tokenizer = ExportFolder(exported.folder).load_tokenizer()
     records = [json.loads(line) for line in (folder / "test_split.jsonl").read_text().splitlines() if line.strip()]
     encode = lambda text: np.array(tokenizer(text)["input_ids"], dtype=np.int64)  # noqa: E731
     reference = OnnxDecoder(create_session(exported.graph, "cpu"))

@@ -24,15 +24,6 @@ from .sessions import SessionSettings, open_session
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(folder: ExportFolder):
-    """The folder's own tokenizer, or None when it holds no tokenizer files (token ids only then)."""
-    if not folder.has_tokenizer():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder.path))
-
-
 def parse_token_ids(values: list[str]) -> list[list[int]]:
     try:
         return [[int(t) for t in ids.split(",") if t.strip()] for ids in values]
@@ -118,7 +109,7 @@ class ExportRunner(_TextRunner):
         self.folder = ExportFolder.open(folder)
         self.settings = settings or SessionSettings()
         self.opened = open_session(self.folder, self.settings)
-        self.tokenizer = load_tokenizer(self.folder)
+        self.tokenizer = self.folder.load_tokenizer()
         prefix = self.folder.read_prefix() if self.folder.layout == "cache" else None
         self.engine = Engine(OnnxDecoder(self.opened.session, prefix), self.opened.device, self.settings.device_id,
                              io_binding)
@@ -227,7 +218,7 @@ class Seq2SeqRunner(_TextRunner):
         encoder = open_session(self.folder, self.settings, self.folder.encoder_graph)
         self.opened = open_session(self.folder, self.settings)
         self.model = OnnxSeq2Seq(encoder.session, self.opened.session)
-        self.tokenizer = load_tokenizer(self.folder)
+        self.tokenizer = self.folder.load_tokenizer()
         self.vocab_size = self.model.vocab_size or self.folder.vocab_size
         if self.folder.decoder_start_token_id is None:
             raise InputError(f"{self.folder.path}/config.json has no decoder_start_token_id; the decoder cannot start.")

@@ -11,7 +11,7 @@ import torch
 
 from . import architectures
 from ..errors import InputError
-from ..folder import TOKENIZER_FILES
+from ..folder import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -175,20 +175,6 @@ def _snapshot_dir(source: str) -> Path | None:
         return None
 
 
-
-
-def load_tokenizer(source: str):
-    """The model's tokenizer, or None when it has none (token ids are used then)."""
-    folder = Path(source).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return None  # transformers would otherwise fall back to a default tokenizer for the model type
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001 - a model without tokenizer files is fine
-        log.info("no tokenizer for %s (%s); token ids only", source, type(exc).__name__)
-        return None
 
 
 def build_tiny_model(config, seed: int = 0) -> torch.nn.Module:
