@@ -187,14 +187,16 @@ def check_folded_prefix(report: ValidationReport, graph_file, reference: Decoder
     """Check 0: every `prefix_{key,value}_{i}` initializer equals PEFT's prefix cache for layer i.
 
     For the cache layout the prefix is not in the graph: `prefix_kv_file` (L, 2, H_kv, P, D), the
-    runtime's first past, is checked instead, under the same names.
+    runtime's first past, is checked instead, under the same names; so is an array of that shape
+    (an adapter's prefix, which replaces the graph's at run time).
     """
     from ..folder import read_initializers, read_prefix_file
 
     layers = reference.prefix_layers
     names = [contract.prefix_initializer_name(i, kind) for i in range(len(layers)) for kind in ("key", "value")]
     if prefix_kv_file is not None:
-        stacked = read_prefix_file(prefix_kv_file)  # (L, 2, H_kv, P, D)
+        # (L, 2, H_kv, P, D)
+        stacked = prefix_kv_file if isinstance(prefix_kv_file, np.ndarray) else read_prefix_file(prefix_kv_file)
         found = {contract.prefix_initializer_name(i, kind): stacked[i, j][None]
                  for i in range(stacked.shape[0]) for j, kind in enumerate(("key", "value"))}
     else:
@@ -218,11 +220,15 @@ def check_folded_prefix(report: ValidationReport, graph_file, reference: Decoder
 
 def validate_graph(decoder: OnnxDecoder, reference: DecoderReference, tolerances: Tolerances | None = None,
                    graph_file=None, prefix_kv_file=None, progress=None) -> ValidationReport:
-    """Phase 2: run every check on `decoder` against `reference`; never raises on a mismatch."""
+    """Phase 2: run every check on `decoder` against `reference`; never raises on a mismatch.
+
+    The prefix check reads `graph_file`'s initializers, or `prefix_kv_file` (a prefix_kv.safetensors,
+    or an (L, 2, H_kv, P, D) array) when given."""
     tolerances = tolerances or Tolerances()
     report = ValidationReport(settings={**reference.settings, **tolerances.describe(),
                                         "float64_reference": reference.prefill64 is not None})
-    # 0. the prefix itself: the graph's initializers (folded) or prefix_kv.safetensors (cache layout).
+    # 0. the prefix itself: the graph's initializers (folded), prefix_kv.safetensors (cache layout) or
+    # the adapter's tensors.
     if graph_file is not None or prefix_kv_file is not None:
         check_folded_prefix(report, graph_file, reference, tolerances, prefix_kv_file)
     guarded = Guarded(decoder)
@@ -230,6 +236,7 @@ def validate_graph(decoder: OnnxDecoder, reference: DecoderReference, tolerances
         _run_checks(report, guarded, reference, tolerances, progress or (lambda *_: None))
     except GraphRunFailed as exc:
         record_failure(report, guarded, exc)
+    report.pool_noise(tolerances)
     return report
 
 

@@ -146,6 +146,7 @@ def validate_seq2seq(model: OnnxSeq2Seq, peft_model, spec: architectures.ArchSpe
                     greedy_tokens, greedy_prompts, seed, start, tick)
     except GraphRunFailed as exc:
         record_failure(report, guarded, exc)
+    report.pool_noise(tolerances)
     return report
 
 
