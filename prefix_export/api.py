@@ -104,7 +104,7 @@ def peak_memory_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 1024**2
 
 
-def _model_files(base: BaseModel) -> list[Path]:
+def model_files(base: BaseModel) -> list[Path]:
     if base.local_dir is None:
         return []
     # sharded checkpoints: every shard and its index (model.safetensors.index.json)
@@ -146,17 +146,17 @@ class _Progress:
             self.bar.close()
 
 
-def _existing_path(path: str | None) -> str | None:
+def existing_path(path: str | None) -> str | None:
     """The absolute path of `path` when it exists (so `validate OUT` works from any directory)."""
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else None
 
 
 def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_line: list[str] | None) -> dict:
     base, prefix_kv = source.base, source.prefix_kv
-    inputs = {"model": base.source, "prefix": source.prefix_source, "model_path": _existing_path(base.source),
-              "prefix_path": _existing_path(source.prefix_source), "prefix_config": source.prefix_config,
+    inputs = {"model": base.source, "prefix": source.prefix_source, "model_path": existing_path(base.source),
+              "prefix_path": existing_path(source.prefix_source), "prefix_config": source.prefix_config,
               "checkpoint_kind": source.checkpoint.kind,
-              "sha256": hashes(source.checkpoint.files + _model_files(base))}
+              "sha256": hashes(source.checkpoint.files + model_files(base))}
     return {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
             "created_unix": int(time.time()), "layout": kind.layout, "versions": library_versions(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
@@ -167,14 +167,17 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
             "dtype": (base.dtype_choice.to_dict() if base.dtype_choice is not None else
                       {"checkpoint": None, "exported": str(prefix_kv.tensor.dtype).replace("torch.", ""),
                        "why": "as loaded (the checkpoint's dtype, or --dtype)"}),
-            "io": kind.io_names(base.spec, graph_name)}
+            "io": kind.io_names(base.spec, graph_name), "swappable_prefix": bool(getattr(kind, "swappable", False))}
 
 
 def _graph_metadata(source: PrefixModel, kind: ExportKind, report: dict) -> dict[str, str]:
-    return {contract.META_PREFIX_LENGTH: str(source.prefix_kv.num_virtual_tokens), contract.META_LAYOUT: kind.layout,
-            contract.META_VERSION: __version__, "prefix_export.model_type": source.base.spec.model_type,
-            "prefix_export.source_sha256": json.dumps(report["inputs"]["sha256"], sort_keys=True),
-            "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
+    metadata = {contract.META_PREFIX_LENGTH: str(source.prefix_kv.num_virtual_tokens), contract.META_LAYOUT: kind.layout,
+                contract.META_VERSION: __version__, "prefix_export.model_type": source.base.spec.model_type,
+                "prefix_export.source_sha256": json.dumps(report["inputs"]["sha256"], sort_keys=True),
+                "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
+    if getattr(kind, "swappable", False):
+        metadata[contract.META_SWAPPABLE] = "1"
+    return metadata
 
 
 def _export_graphs(source: PrefixModel, kind: ExportKind, folder: ExportFolder, metadata: dict[str, str],
@@ -189,7 +192,7 @@ def _export_graphs(source: PrefixModel, kind: ExportKind, folder: ExportFolder, 
     for plan in kind.plans(source.base.model, source.prefix_kv, source.base.spec, folder.graph_name):
         run_exporter(plan, raw_dir / plan.file_name, opset, source.base.spec.model_type)
         parts[plan.file_name] = graph.finalize(raw_dir / plan.file_name, folder.path / plan.file_name, metadata,
-                                               external_data)
+                                               external_data, plan.overridable)
     shutil.rmtree(raw_dir)
     if len(parts) == 1:
         return next(iter(parts.values()))
@@ -227,7 +230,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                         opset: int = DEFAULT_OPSET, external_data: bool = False, keep_invalid: bool = False,
                         progress: bool = True, command_line: list[str] | None = None, layout: str = "folded",
                         triton: bool | str = False, validation: ValidationSettings | None = None,
-                        greedy_tokens: int | None = None) -> ExportResult:
+                        greedy_tokens: int | None = None, swappable_prefix: bool = False) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     `model` may be a `PrefixModel` already loaded by `load_prefix_model` (then `prefix` is ignored).
@@ -237,6 +240,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     `layout`: "folded" (prefix inside the graph) or "cache" (the plain base decoder; the runtime feeds
     prefix_kv.safetensors as the first past). A folded decoder-only export also holds genai_config.json
     (onnxruntime-genai); `triton` (True or a model name) adds a Triton repository entry.
+    `swappable_prefix` (folded decoders) lists the prefix initializers as graph inputs too, so that
+    `make_adapter`'s files can switch the task at run time (adapters.py).
     `validation` says how much validation runs (default: by model size, `greedy_tokens` overriding
     the greedy check's length); `tolerances` default to the noise-relative rule (validate/report.py).
     """
@@ -259,7 +264,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     try:
         source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
         spec = source.base.spec
-        kind = kind_for(spec, layout)
+        kind = kind_for(spec, layout, swappable_prefix)
         if triton and spec.is_seq2seq:
             raise UnsupportedError(f"--triton writes an entry for one decoder graph; {spec.model_type} exports "
                                    "an encoder and a decoder graph, which need a Triton ensemble (not written yet).")
@@ -330,8 +335,8 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
         # Nothing to run; a missing file is a failed check (exit 1), like a changed one.
         return ValidationReport(problems=problems or [f"hash: {m} is missing" for m in missing])
     inputs = report.get("inputs", {})
-    model = model or _existing_path(inputs.get("model_path")) or inputs.get("model")
-    prefix = prefix or _existing_path(inputs.get("prefix_path")) or inputs.get("prefix")
+    model = model or existing_path(inputs.get("model_path")) or inputs.get("model")
+    prefix = prefix or existing_path(inputs.get("prefix_path")) or inputs.get("prefix")
     prefix_config = prefix_config or inputs.get("prefix_config")
     if not model or not prefix or prefix == "<in-memory>":
         raise InputError(f"{folder.path}: the report does not say which model and prefix were exported; pass "

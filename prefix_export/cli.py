@@ -4,6 +4,7 @@
     prefix-export validate OUT_DIR
     prefix-export generate OUT_DIR --prompt "..."
     prefix-export inspect MODEL --prefix CKPT
+    prefix-export adapter OUT_DIR --prefix TASK_CKPT --out task.onnx_adapter
     prefix-export bench --model M --prefix P [--optimize] [--precision int8]
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import PrefixExportError
 
-SUBCOMMANDS = ("export", "validate", "generate", "inspect", "bench")
+SUBCOMMANDS = ("export", "validate", "generate", "inspect", "bench", "adapter")
 log = logging.getLogger("prefix_export")
 
 
@@ -75,6 +76,9 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
                         help="folded (default): the prefix is inside the graph; cache: the plain base decoder, "
                              "the prefix (prefix_kv.safetensors) is fed as the first past (TensorRT, mobile, "
                              "one graph for many prefixes)")
+    parser.add_argument("--swappable-prefix", action="store_true",
+                        help="folded layout: keep the prefix replaceable at run time, so that `prefix-export "
+                             "adapter` files (ONNX Runtime adapters) switch the task on one loaded graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export and validate (the default action)")
     _add_export_args(export)
 
-    validate = sub.add_parser("validate", help="recheck an export folder: hashes, then the graph against PEFT")
-    validate.add_argument("out_dir")
+    validate = sub.add_parser("validate", help="recheck an export folder (or an adapter file): hashes, then the "
+                                               "graph against PEFT")
+    validate.add_argument("out_dir", help="an export folder, or a .onnx_adapter file made by `prefix-export adapter`")
     validate.add_argument("--model", help="override the model recorded in export_report.json")
     validate.add_argument("--prefix", help="override the prefix recorded in export_report.json")
     validate.add_argument("--prefix-config")
@@ -128,10 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prefix-kv", action="append", metavar="FILE",
                           help="cache layout: a prefix_kv.safetensors (or export folder) to use instead of the "
                                "folder's own; give one per --prompt for a different prefix per row")
+    generate.add_argument("--adapter", metavar="FILE.onnx_adapter",
+                          help="a swappable folded export: run another task's prefix (made by `prefix-export adapter`)")
     generate.add_argument("--max-batch", type=int, help="TensorRT profile: largest batch (default 8)")
     generate.add_argument("--max-length", type=int,
                           help="TensorRT profile: longest P + prompt + new tokens (default: the model's limit)")
     generate.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
+
+    adapter = sub.add_parser("adapter", help="another task's prefix as an ONNX Runtime adapter file for a "
+                                             "--swappable-prefix export, validated against PEFT")
+    adapter.add_argument("out_dir", help="the export folder (made with --swappable-prefix)")
+    adapter.add_argument("--prefix", required=True, help="the task's PEFT prefix-tuning adapter folder or state dict")
+    adapter.add_argument("--prefix-config", help="PrefixTuningConfig JSON for a raw state dict")
+    adapter.add_argument("--out", required=True, help="the adapter file to write, NAME.onnx_adapter (its report "
+                                                      "goes beside it as NAME.onnx_adapter.json)")
+    adapter.add_argument("--model", help="the base model (default: the one recorded in the export's report; it "
+                                         "must be the same files)")
+    adapter.add_argument("--force", action="store_true", help="replace an existing adapter file")
+    adapter.add_argument("--no-validate", action="store_true", help="skip validation against PEFT (not advised)")
+    adapter.add_argument("--atol", action="append", metavar="[OUTPUT=]ATOL", help="as for export")
+    adapter.add_argument("--greedy-tokens", type=int, metavar="N", help="as for export")
 
     inspect = sub.add_parser("inspect", help="show what would be exported, without exporting")
     inspect.add_argument("model")
@@ -229,7 +250,7 @@ def cmd_export(args) -> int:
         run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
         progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton,
-        greedy_tokens=args.greedy_tokens)
+        greedy_tokens=args.greedy_tokens, swappable_prefix=args.swappable_prefix)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -238,10 +259,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .api import validate_export
+    if args.out_dir.endswith(".onnx_adapter"):
+        from .adapters import validate_adapter
 
-    report = validate_export(args.out_dir, args.model, args.prefix, args.prefix_config,
-                             _tolerances(args.atol, None))
+        report = validate_adapter(args.out_dir, model=args.model, prefix=args.prefix, prefix_config=args.prefix_config,
+                                  tolerances=_tolerances(args.atol, None))
+    else:
+        from .api import validate_export
+
+        report = validate_export(args.out_dir, args.model, args.prefix, args.prefix_config,
+                                 _tolerances(args.atol, None))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
 
@@ -277,7 +304,7 @@ def cmd_generate(args) -> int:
         args.out_dir, prompts=args.prompt, token_ids=args.token_ids, max_new_tokens=args.max_new_tokens,
         provider=args.provider, fallback=args.fallback, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=args.stop, prefixes=args.prefix_kv, max_batch=args.max_batch,
-        max_length=args.max_length, fp16=args.fp16, on_step=on_step if streaming else None)
+        max_length=args.max_length, fp16=args.fp16, on_step=on_step if streaming else None, adapter=args.adapter)
     if args.json:
         print(json.dumps(result, indent=2))
     elif streaming:
@@ -285,6 +312,28 @@ def cmd_generate(args) -> int:
     else:
         for row in result["rows"]:
             print(row["text"] if row.get("text") is not None else " ".join(map(str, row["new_token_ids"])))
+    return 0
+
+
+def cmd_adapter(args) -> int:
+    from .adapters import make_adapter
+
+    result = make_adapter(args.out_dir, args.prefix, args.out, model=args.model, prefix_config=args.prefix_config,
+                          force=args.force, run_validation=not args.no_validate,
+                          tolerances=_tolerances(args.atol, None), greedy_tokens=args.greedy_tokens,
+                          command_line=["prefix-export", *args.argv])
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+        return 0
+    info = result.report["adapter"]
+    print(f"adapter  {result.path} ({info['bytes'] / 1e6:.2f} MB, {info['parameters']} tensors, prefix "
+          f"{tuple(info['prefix_shape'])} {info['dtype']}; the graph is {info['graph_bytes'] / 1e6:.1f} MB)")
+    print(f"export   {result.report['export']['folder']}")
+    if result.validation is not None:
+        print()
+        print(result.validation.table())
+    else:
+        print("validation SKIPPED (--no-validate): the adapter was not compared with PEFT")
     return 0
 
 
@@ -355,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler = {"export": cmd_export, "validate": cmd_validate, "generate": cmd_generate,
-               "inspect": cmd_inspect, "bench": cmd_bench}[args.command]
+               "inspect": cmd_inspect, "bench": cmd_bench, "adapter": cmd_adapter}[args.command]
     try:
         return handler(args)
     except PrefixExportError as exc:

@@ -20,6 +20,9 @@ TOTAL = "total_sequence_length"  # = past_sequence_length + sequence_length
 META_PREFIX_LENGTH = "prefix_export.num_virtual_tokens"
 META_LAYOUT = "prefix_export.layout"
 META_VERSION = "prefix_export.version"
+# "1" when the folded prefix initializers are also graph inputs, so that an ONNX Runtime adapter file
+# (`prefix-export adapter`) can replace them at run time; absent otherwise.
+META_SWAPPABLE = "prefix_export.swappable_prefix"
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -35,6 +38,11 @@ def present_name(layer: int, kind: str) -> str:
 def prefix_initializer_name(layer: int, kind: str) -> str:
     """The folded prefix inside the graph: `prefix_{key|value}_{i}`, an initializer (1, H_kv, P, D)."""
     return f"prefix_{kind}_{layer}"
+
+
+def prefix_initializer_names(num_layers: int) -> list[str]:
+    """Every layer's folded prefix, key then value: what an adapter file for the graph holds."""
+    return [prefix_initializer_name(i, kind) for i in range(num_layers) for kind in ("key", "value")]
 
 
 def past_names(num_layers: int) -> list[str]:

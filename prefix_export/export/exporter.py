@@ -33,6 +33,7 @@ class GraphPlan:
     input_names: list[str]
     output_names: list[str]
     dynamic_shapes: dict
+    overridable: list[str] = dataclasses.field(default_factory=list)  # initializers also listed as inputs
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)

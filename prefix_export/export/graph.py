@@ -105,8 +105,27 @@ def external_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_external_data: bool = False) -> dict:
+def make_overridable(model: onnx.ModelProto, names: list[str]) -> None:
+    """List the initializers `names` as graph inputs too (after the contract's inputs): their values are
+    then defaults that an ONNX Runtime adapter (RunOptions.add_active_adapter) or a feed can replace.
+    ONNX Runtime no longer constant-folds through them, so this is opt-in (--swappable-prefix)."""
+    from onnx import helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    missing = [name for name in names if name not in initializers]
+    if missing:
+        raise ExportFailedError(f"the graph has no initializers {missing[:4]} to make overridable; the exporter "
+                                "renamed or folded them.")
+    for name in names:
+        init = initializers[name]
+        model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+
+
+def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_external_data: bool = False,
+             overridable: list[str] | None = None) -> dict:
     """Read the exporter's graph without its weights, add metadata and dimension names, write `final_path`.
+
+    `overridable`: initializers to list as graph inputs too (make_overridable).
 
     Weights above EXTERNAL_DATA_ABOVE (or with `force_external_data`) stay in the exporter's own data
     file, renamed to `<graph>.data` beside `final_path`: they are never loaded, copied or held twice.
@@ -117,6 +136,8 @@ def finalize(raw_path: Path, final_path: Path, metadata: dict[str, str], force_e
     except Exception as exc:  # noqa: BLE001
         raise ExportFailedError(f"the exporter's ONNX file {raw_path} could not be read back ({exc}).") from exc
     _name_present_dims(model)
+    if overridable:
+        make_overridable(model, overridable)
     bf16_rewrites = upcast_bfloat16_arithmetic(model)
     del model.metadata_props[:]
     for key, value in sorted(metadata.items()):

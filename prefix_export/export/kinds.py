@@ -92,15 +92,25 @@ class DecoderFolded(ExportKind):
     name = "decoder, prefix folded into the graph"
     layout = "folded"
 
+    def __init__(self, swappable: bool = False):
+        # swappable: the prefix initializers are graph inputs too, replaceable by an adapter file
+        self.swappable = swappable
+
     def wrapper(self, model, prefix_kv: PrefixKV | None, spec: ArchSpec) -> torch.nn.Module:
         # Looked up on the module at call time, so that tests can substitute a mutant wrapper.
         return wrappers.PrefixFoldedDecoder(model, prefix_kv, spec.num_layers)
 
     def plans(self, model, prefix_kv, spec, graph_name):
-        return [_decoder_plan(self.wrapper(model, prefix_kv, spec), spec, prefix_kv.tensor.dtype, graph_name)]
+        plan = _decoder_plan(self.wrapper(model, prefix_kv, spec), spec, prefix_kv.tensor.dtype, graph_name)
+        if self.swappable:
+            plan.overridable = contract.prefix_initializer_names(spec.num_layers)
+        return [plan]
 
     def io_names(self, spec, graph_name):
-        return {"inputs": contract.input_names(spec.num_layers), "outputs": contract.output_names(spec.num_layers)}
+        inputs = contract.input_names(spec.num_layers)
+        if self.swappable:
+            inputs += contract.prefix_initializer_names(spec.num_layers)
+        return {"inputs": inputs, "outputs": contract.output_names(spec.num_layers)}
 
     def open_for_validation(self, folder: ExportFolder, dtype: str = "float32"):
         """(the decoder validation drives, where its prefix is checked: {"graph_file"|"prefix_kv_file": path})."""
@@ -125,6 +135,17 @@ class DecoderFolded(ExportKind):
 
         decoder, where = self.open_for_validation(folder, reference.dtype)
         return validate_graph(decoder, reference, tolerances, **where)
+
+    def validate_adapter(self, folder, adapter_file, reference, tolerances):
+        """Phase 2 for another task's adapter file on this swappable graph, through ONNX Runtime's own
+        adapter mechanism (RunOptions.add_active_adapter); the prefix check reads the adapter."""
+        from ..runtime import adapters
+        from ..runtime.decoder import OnnxDecoder
+        from ..validate.decoder import validate_graph
+
+        decoder = OnnxDecoder(_validation_session(folder.graph, reference.dtype))
+        prefix = adapters.activate(decoder, adapter_file)
+        return validate_graph(decoder, reference, tolerances, prefix_kv_file=prefix)
 
 
 class DecoderCache(DecoderFolded):
@@ -214,12 +235,18 @@ class Seq2Seq(ExportKind):
                                 **settings.kwargs())
 
 
-def kind_for(spec: ArchSpec, layout: str = "folded") -> ExportKind:
+def kind_for(spec: ArchSpec, layout: str = "folded", swappable_prefix: bool = False) -> ExportKind:
     """The export kind of `spec` in `layout`; a clear error for what does not exist."""
     check_layout(layout)
+    if swappable_prefix and (spec.is_seq2seq or layout != "folded"):
+        raise UnsupportedError(
+            "--swappable-prefix is for the folded layout of decoder-only models: "
+            + (f"{spec.model_type}'s decoder prefix is not swappable yet (encoder-decoder exports)." if spec.is_seq2seq
+               else "a cache-layout export already takes any task's prefix as its first past "
+                    "(`prefix-export generate OUT --prefix-kv TASK/prefix_kv.safetensors`)."))
     if spec.is_seq2seq:
         if layout != "folded":
             raise UnsupportedError(f"--layout {layout} is for decoder-only models; {spec.model_type} is exported "
                                    "as an encoder + folded-prefix decoder (the default --layout folded).")
         return Seq2Seq()
-    return DecoderCache() if layout == "cache" else DecoderFolded()
+    return DecoderCache() if layout == "cache" else DecoderFolded(swappable_prefix)

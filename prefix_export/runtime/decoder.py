@@ -38,11 +38,13 @@ class OnnxDecoder:
     """A decoder-only session: layers, KV shape and dtype from its inputs; `prefix` for the cache layout.
 
     `prefix` (L, 2, H_kv, P, D) is the cache layout's default first past; None for a folded graph,
-    whose prefix is inside it.
+    whose prefix is inside it. `adapter` (adapters.ActiveAdapter) replaces a swappable folded graph's
+    prefix in every run (adapters.activate sets it after checking it fits).
     """
 
-    def __init__(self, session, prefix: np.ndarray | None = None):
+    def __init__(self, session, prefix: np.ndarray | None = None, adapter=None):
         self.session = session
+        self.adapter = adapter
         inputs = {i.name: i for i in session.get_inputs()}
         missing = [n for n in (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS) if n not in inputs]
         if missing:
@@ -115,7 +117,12 @@ class OnnxDecoder:
                  contract.ATTENTION_MASK: attention_mask.astype(np.int64, copy=False),
                  contract.POSITION_IDS: position_ids.astype(np.int64, copy=False)}
         feeds.update(zip(self.past_names, past))
-        return self.session.run(self.output_names, feeds)
+        return self.session.run(self.output_names, feeds, self.run_options)
+
+    @property
+    def run_options(self):
+        """ONNX Runtime RunOptions for every run: the active adapter's, else None."""
+        return None if self.adapter is None else self.adapter.run_options
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

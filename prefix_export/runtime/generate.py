@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..folder import ExportFolder, read_prefix_file
+from . import adapters
 from .decoder import OnnxDecoder, OnnxSeq2Seq, pad_batch
 from .loop import Engine, GenerationConfig, Seq2SeqStepper, Step, generate
 from .providers import ALIASES, TENSORRT
@@ -105,14 +106,17 @@ class _TextRunner:
 class ExportRunner(_TextRunner):
     """A decoder-only export folder opened for generation: one session, its tokenizer, its prefix(es)."""
 
-    def __init__(self, folder: str | Path, settings: SessionSettings | None = None, io_binding: bool | None = None):
+    def __init__(self, folder: str | Path, settings: SessionSettings | None = None, io_binding: bool | None = None,
+                 adapter: str | Path | None = None):
         self.folder = ExportFolder.open(folder)
         self.settings = settings or SessionSettings()
         self.opened = open_session(self.folder, self.settings)
         self.tokenizer = self.folder.load_tokenizer()
         prefix = self.folder.read_prefix() if self.folder.layout == "cache" else None
-        self.engine = Engine(OnnxDecoder(self.opened.session, prefix), self.opened.device, self.settings.device_id,
-                             io_binding)
+        decoder = OnnxDecoder(self.opened.session, prefix)
+        if adapter is not None:  # another task's prefix for this swappable folded graph (adapters.py)
+            adapters.activate(decoder, adapter)
+        self.engine = Engine(decoder, self.opened.device, self.settings.device_id, io_binding)
         self.vocab_size = self.engine.decoder.vocab_size or self.folder.vocab_size
 
     def resolve_prefixes(self, prefixes, batch: int) -> list[np.ndarray] | None:
@@ -245,11 +249,14 @@ class Seq2SeqRunner(_TextRunner):
         return self._result(rows, new, config)
 
 
-def open_runner(folder: str | Path, settings: SessionSettings | None = None) -> _TextRunner:
-    """The runner that fits the folder: encoder-decoder or decoder-only."""
+def open_runner(folder: str | Path, settings: SessionSettings | None = None,
+                adapter: str | Path | None = None) -> _TextRunner:
+    """The runner that fits the folder: encoder-decoder or decoder-only (with `adapter`'s task)."""
     if ExportFolder.open(folder).is_seq2seq:
+        if adapter is not None:
+            raise InputError(f"{folder} is an encoder-decoder export; --adapter is for swappable decoder-only exports.")
         return Seq2SeqRunner(folder, settings)
-    return ExportRunner(folder, settings)
+    return ExportRunner(folder, settings, adapter=adapter)
 
 
 def generate_from_folder(folder: str | Path, prompts: list[str] | None = None, token_ids: list[str] | None = None,
@@ -257,12 +264,12 @@ def generate_from_folder(folder: str | Path, prompts: list[str] | None = None, t
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                          stop: list[int] | None = None, prefixes: list | None = None, max_batch: int | None = None,
                          max_length: int | None = None, fp16: bool = False,
-                         on_step: Callable[[Step], None] | None = None) -> dict:
+                         on_step: Callable[[Step], None] | None = None, adapter: str | Path | None = None) -> dict:
     """The library call behind `prefix-export generate` (token ids as "1,2,3" strings, as on the CLI)."""
     settings = SessionSettings(provider=provider, fallback=fallback, fp16=fp16, max_total_length=max_length)
     if max_batch is not None:
         settings.max_batch = max_batch
-    runner = open_runner(folder, settings)
+    runner = open_runner(folder, settings, adapter)
     overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stop:
         overrides["stop_token_ids"] = runner.default_config().stop_token_ids + tuple(runner.stop_ids(stop))

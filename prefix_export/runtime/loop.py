@@ -215,7 +215,7 @@ class BoundKV:
                                 target[k].data_ptr())
         logits = self._logits_buffer(seq)
         binding.bind_output(contract.LOGITS, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, decoder.run_options)
         self.current = 1 - self.current
         self.past_length = total
         self.steps += 1
