@@ -21,7 +21,6 @@ from prefix_export.cli import main
 from prefix_export.errors import MismatchError, UnsupportedError
 from prefix_export.runtime.adapters import ActiveAdapter, read_adapter
 from prefix_export.runtime.generate import ExportRunner
-from prefix_export.runtime.loop import GenerationConfig
 from prefix_export.validate.reference import reference_greedy
 from tiny_models import make_prefix, tiny_config
 
