@@ -280,6 +280,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                 folder = ExportFolder(tmp, kind.graph_name(graph_name))
                 t0 = time.perf_counter()
                 report["graph"] = _export_graphs(source, kind, folder, metadata, opset, external_data)
+                _return_freed_memory()  # the exporter's temporaries, before the references stack on them
                 report["timing_s"] = {"export": round(time.perf_counter() - t0, 3)}
                 steps("exported graph")
                 _write_side_files(source, kind, folder, triton, destination)

@@ -96,7 +96,8 @@ def compute_reference(peft_model, vocab_size: int, float64: bool = True,
         results = []
         for index, (all_ids, all_mask) in enumerate(feeds):
             logits, presents = decoder_forward(peft_model, all_ids, all_mask, positions_from_mask(all_mask))
-            results.append((logits if index == 0 else logits[:, -1:], presents))
+            # a decode step's last position only, as a copy: a view would keep all (B, S, V) alive
+            results.append((logits if index == 0 else logits[:, -1:].copy(), presents))
         return results
 
     in_dtype = run_all()

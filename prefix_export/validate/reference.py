@@ -30,9 +30,14 @@ def decoder_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarra
                          position_ids=torch.from_numpy(position_ids), use_cache=True, return_dict=True)
     presents = []
     for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
-        # float64 holds every model dtype exactly, and a float64 run's results unrounded
-        presents += [key[:, :, P:].double().numpy(), value[:, :, P:].double().numpy()]
-    return out.logits.double().numpy(), presents
+        presents += [_exact_array(key[:, :, P:]), _exact_array(value[:, :, P:])]
+    return _exact_array(out.logits), presents
+
+
+def _exact_array(tensor: torch.Tensor) -> np.ndarray:
+    """A float64 run's result as float64; any other model dtype's as float32, which holds float16 and
+    bfloat16 values exactly at half float64's bytes (the references are kept for the whole validation)."""
+    return tensor.numpy() if tensor.dtype == torch.float64 else tensor.float().numpy()
 
 
 _ROWS = 4096  # output features per float64 slice of a weight
