@@ -235,11 +235,15 @@ def _print_export_summary(result) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    if result.validation is not None:
+    _print_validation(result.validation, "graph")
+
+
+def _print_validation(validation, what: str) -> None:
+    if validation is not None:
         print()
-        print(result.validation.table())
+        print(validation.table())
     else:
-        print("validation SKIPPED (--no-validate): the graph was not compared with PEFT")
+        print(f"validation SKIPPED (--no-validate): the {what} was not compared with PEFT")
 
 
 def cmd_export(args) -> int:
@@ -329,11 +333,7 @@ def cmd_adapter(args) -> int:
     print(f"adapter  {result.path} ({info['bytes'] / 1e6:.2f} MB, {info['parameters']} tensors, prefix "
           f"{tuple(info['prefix_shape'])} {info['dtype']}; the graph is {info['graph_bytes'] / 1e6:.1f} MB)")
     print(f"export   {result.report['export']['folder']}")
-    if result.validation is not None:
-        print()
-        print(result.validation.table())
-    else:
-        print("validation SKIPPED (--no-validate): the adapter was not compared with PEFT")
+    _print_validation(result.validation, "adapter")
     return 0
 
 

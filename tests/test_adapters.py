@@ -22,6 +22,7 @@ from prefix_export.errors import MismatchError, UnsupportedError
 from prefix_export.runtime.adapters import ActiveAdapter, read_adapter
 from prefix_export.runtime.generate import ExportRunner
 from prefix_export.validate.reference import reference_greedy
+from tests_helpers import genai_greedy
 from tiny_models import make_prefix, tiny_config
 
 FAMILIES = ["gpt2", "llama", "bloom", "mistral"]  # MHA + learned positions, GQA + rotary, ALiBi, sliding window
@@ -108,22 +109,6 @@ def test_switching_tasks_on_one_loaded_model(case):
         assert _runner_greedy(runner) == case["expected"][name or "A"], f"after switching to {name}"
 
 
-def _genai_greedy(model, prompt: list[int], adapters=None, name: str | None = None) -> list[int]:
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS)
-    generator = og.Generator(model, params)
-    if name is not None:
-        generator.set_active_adapter(adapters, name)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    new = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-    return new
-
-
 def test_genai_switches_tasks_with_set_active_adapter(case):
     try:
         import onnxruntime_genai as og
@@ -135,7 +120,7 @@ def test_genai_switches_tasks_with_set_active_adapter(case):
         adapters.load(str(path), name)
     eos = json.loads((case["out"] / "config.json").read_text()).get("eos_token_id")
     for name in ("B", "A", None, "B"):
-        got = _genai_greedy(model, PROMPT, adapters, name)
+        got = genai_greedy(model, PROMPT, NEW_TOKENS, adapters, name)
         want = case["expected"][name or "A"]
         # genai stops at eos (the runner above does not): compare up to its stop
         cut = next((k for k, t in enumerate(want) if t == eos), len(want))

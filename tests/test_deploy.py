@@ -30,6 +30,7 @@ from prefix_export.runtime.decoder import OnnxDecoder
 from prefix_export.runtime.loop import greedy_generate
 from prefix_export.runtime.sessions import create_session
 from prefix_export.validate.report import Tolerances
+from tests_helpers import genai_greedy
 from tiny_models import TINY_CONFIGS, make_prefix, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,22 +216,6 @@ CASE_NAMES = ["default", *FAMILIES]
 
 
 # ---- onnxruntime-genai ---------------------------------------------------------------------------
-
-
-def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """What a genai user writes: Model(folder), greedy search options, append the prompt, step."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    new = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-    return new
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -144,3 +144,22 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def genai_greedy(model, prompt: list[int], max_new_tokens: int, adapters=None, adapter: str | None = None) -> list[int]:
+    """What a genai user writes: Model(folder) (or an already loaded og.Model), greedy search options,
+    optionally an adapter made active (`og.Adapters` + `set_active_adapter`), the prompt, step."""
+    import onnxruntime_genai as og
+
+    model = model if isinstance(model, og.Model) else og.Model(str(model))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
+    generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(adapters, adapter)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    new = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+    return new
