@@ -103,13 +103,17 @@ def _check_same_model(prefix_model: PrefixModel, report: dict, export_dir: Path)
                     prefix_model.base.source)
 
 
+def _check_destination(path: Path, force: bool) -> None:
+    if path.exists() and not path.is_file():
+        raise OutputError(f"--out {path} exists and is not a file.")
+    if path.exists() and not force:
+        raise OutputError(f"--out {path} already exists; pass --force to replace it.")
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path, force: bool):
     """Yield a temporary sibling of `path` to write; it replaces `path` only when the block succeeds."""
-    if path.exists() and not force:
-        raise OutputError(f"--out {path} already exists; pass --force to replace it.")
-    if path.exists() and not path.is_file():
-        raise OutputError(f"--out {path} exists and is not a file.")
+    _check_destination(path, force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -137,6 +141,7 @@ def make_adapter(export_dir: str | Path, prefix: str | Path, out: str | Path, *,
     if out.suffix != adapters.ADAPTER_SUFFIX:
         raise InputError(f"--out {out}: an adapter file's name ends in {adapters.ADAPTER_SUFFIX} (onnxruntime-genai "
                          "and ONNX Runtime look for it).")
+    _check_destination(out, force)  # before minutes of loading
     folder, report = _swappable_export(export_dir)
     checkpoint = load_prefix_checkpoint(prefix, prefix_config)
     _check_task_fits(checkpoint, report, folder.path)
@@ -215,6 +220,7 @@ def validate_adapter(adapter_file: str | Path, export_dir: str | Path | None = N
     """Recheck a published adapter: its file and its export's graph against the hashes in its report,
     then the export with it active against PEFT with its task's prefix (sources from the report)."""
     adapter_file = Path(adapter_file)
+    adapters.read_adapter(adapter_file)  # a missing, truncated or foreign file is an input error, as everywhere
     report_file = adapters.report_path(adapter_file)
     if not report_file.is_file():
         raise InputError(f"{adapter_file}: no report {report_file.name} beside it, so its export and task are unknown; "
@@ -222,11 +228,10 @@ def validate_adapter(adapter_file: str | Path, export_dir: str | Path | None = N
     recorded = json.loads(report_file.read_text())
     folder, export_report = _swappable_export(export_dir or recorded["export"]["folder"])
     problems = []
-    if adapter_file.is_file() and sha256(adapter_file) != recorded["adapter"]["sha256"]:
+    if sha256(adapter_file) != recorded["adapter"]["sha256"]:
         problems.append(f"hash: {adapter_file.name} changed since it was made")
     if sha256(folder.graph) != recorded["export"]["graph_sha256"]:
         problems.append(f"hash: {folder.graph} changed since the adapter was made")
-    adapters.read_adapter(adapter_file)  # a truncated or foreign file is an input error, as everywhere
     inputs = recorded["inputs"]
     prefix = prefix or inputs.get("prefix_path") or inputs.get("prefix")
     checkpoint = load_prefix_checkpoint(prefix, prefix_config or inputs.get("prefix_config"))
