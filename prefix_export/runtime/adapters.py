@@ -89,11 +89,19 @@ def check_adapter_fits(tensors: dict[str, np.ndarray], expected: dict[str, tuple
                             "it was made for a model with another number of layers.")
     for name, (shape, dtype) in expected.items():
         got = tensors[name]
-        if tuple(got.shape) != shape or np.dtype(got.dtype) != np.dtype(dtype):
+        if tuple(got.shape) != shape or _dtype_name(got.dtype) != _dtype_name(dtype):
             raise MismatchError(
-                f"adapter {adapter}: {name} is {tuple(got.shape)} {np.dtype(got.dtype).name}, {graph} takes {shape} "
-                f"{np.dtype(dtype).name} (1, H_kv, P, D). The prefix length P, KV heads, head dim and dtype must be "
+                f"adapter {adapter}: {name} is {tuple(got.shape)} {_dtype_name(got.dtype)}, {graph} takes {shape} "
+                f"{_dtype_name(dtype)} (1, H_kv, P, D). The prefix length P, KV heads, head dim and dtype must be "
                 "the export's; make the adapter from this export (`prefix-export adapter`).")
+
+
+def _dtype_name(dtype) -> str:
+    """numpy's name for a dtype; bfloat16, which numpy lacks, by its own name."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 class ActiveAdapter:
