@@ -76,7 +76,7 @@ def _check_trained_on(checkpoint, report: dict, export_dir: Path) -> None:
     exported = report["inputs"].get("model_path")
     if folder is None or not folder.is_dir() or (exported and folder.resolve() == Path(exported).resolve()):
         return
-    recorded = {Path(path).name: digest for path, digest in report["inputs"].get("sha256", {}).items()}
+    recorded = _recorded_hashes(report)
     differing = [path.name for path in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
                  if path.is_file() and path.name in recorded and sha256(path) != recorded[path.name]]
     if differing:
@@ -85,12 +85,20 @@ def _check_trained_on(checkpoint, report: dict, export_dir: Path) -> None:
                             f"({report['inputs'].get('model')}); a prefix only means something on its own base model.")
 
 
-def _check_same_model(prefix_model: PrefixModel, report: dict, export_dir: Path) -> None:
-    """The model loaded now must be, file for file, the one the export was made from (its report's hashes)."""
-    recorded = {Path(path).name: digest for path, digest in report.get("inputs", {}).get("sha256", {}).items()}
+def _recorded_hashes(report: dict) -> dict[str, str]:
+    """{file name: sha256} of the sources an export's report records."""
+    return {Path(path).name: digest for path, digest in report.get("inputs", {}).get("sha256", {}).items()}
+
+
+def _check_same_model(prefix_model: PrefixModel, report: dict, export_dir: Path) -> dict[str, str]:
+    """The model loaded now must be, file for file, the one the export was made from (its report's hashes).
+    Returns the model files' hashes ({path: sha256}), computed once here for the adapter's report."""
+    recorded = _recorded_hashes(report)
+    files = model_files(prefix_model.base)
+    digests = hashes(files)
     differing = []
-    for path in model_files(prefix_model.base):
-        digest = sha256(path)
+    for path in files:
+        digest = digests[str(path)]
         if recorded.get(path.name) != digest:
             differing.append(f"{path.name}: sha256 {digest[:12]}… here, "
                              f"{(recorded.get(path.name) or 'absent')[:12]}… in the export")
@@ -98,9 +106,10 @@ def _check_same_model(prefix_model: PrefixModel, report: dict, export_dir: Path)
         raise MismatchError(f"{prefix_model.base.source} is not the model {export_dir} was exported from "
                             f"({export_dir / 'export_report.json'} records its files' hashes): "
                             + "; ".join(differing[:4]) + ". Pass the export's own model (--model).")
-    if not model_files(prefix_model.base):
+    if not files:
         log.warning("the model %s has no local files to compare with the export's hashes; trusting its name",
                     prefix_model.base.source)
+    return digests
 
 
 def _check_destination(path: Path, force: bool) -> None:
@@ -148,7 +157,7 @@ def make_adapter(export_dir: str | Path, prefix: str | Path, out: str | Path, *,
     _check_trained_on(checkpoint, report, folder.path)
     model = model or existing_path(report["inputs"].get("model_path")) or report["inputs"].get("model")
     source = load_prefix_model(model, checkpoint, dtype=report["prefix"]["dtype"])
-    _check_same_model(source, report, folder.path)
+    model_hashes = _check_same_model(source, report, folder.path)
     source.prefix_source = str(prefix)
     prefix_kv = source.prefix_kv.tensor.numpy()  # (L, 2, H_kv, P, D), the export's dtype
     with _atomic_file(out, force) as tmp:
@@ -164,7 +173,7 @@ def make_adapter(export_dir: str | Path, prefix: str | Path, out: str | Path, *,
             "inputs": {"model": source.base.source, "prefix": str(prefix), "prefix_path": existing_path(str(prefix)),
                        "prefix_config": str(prefix_config) if prefix_config else None,
                        "checkpoint_kind": checkpoint.kind,
-                       "sha256": hashes(checkpoint.files + model_files(source.base))},
+                       "sha256": {**hashes(checkpoint.files), **model_hashes}},
             "adapter": {"file": out.name, "sha256": sha256(tmp), **info,
                         "prefix_shape": list(prefix_kv.shape), "shape_meaning": "(L, 2, H_kv, P, D)",
                         "dtype": str(prefix_kv.dtype), "graph_bytes": folder.graph_bytes()}}
