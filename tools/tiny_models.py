@@ -68,6 +68,14 @@ def _model_class(config):
 def save_tiny_model(config, folder: Path, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = _model_class(config).from_config(config).eval()
+    with torch.no_grad():
+        # Norm weights start as exact ones and zeros, so two norms reading one input (a parallel
+        # block's) would be the same computation and graph optimizers merge them; trained models'
+        # norms differ, and so do these.
+        for name, module in model.named_modules():
+            if "norm" in type(module).__name__.lower():
+                for param in module.parameters(recurse=False):
+                    param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     return model
 

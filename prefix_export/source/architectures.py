@@ -54,6 +54,15 @@ class ArchSpec:
     family: str = FAMILY_DECODER
     num_encoder_layers: int | None = None  # seq2seq only
     decoder_start_token_id: int | None = None  # seq2seq only: the first decoder token
+    # What the compile step's fusions should find (compile/fusions.expected_fusions): the norm kind
+    # ("layernorm" or "rmsnorm"), normalizations per layer and outside the layers (final norm, BLOOM's
+    # embedding norm), the MLP activation ("gelu_tanh", "gelu_erf", "relu", "silu"), and for each
+    # fusion that cannot apply to this family, why (kind -> reason).
+    norm: str = "layernorm"
+    norms_per_layer: int = 2
+    extra_norms: int = 1
+    activation: str = "gelu_tanh"
+    unfusable: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_seq2seq(self) -> bool:
@@ -111,6 +120,13 @@ def _multi_head(model_type: str, layers: int, heads: int, hidden: int, vocab: in
                     max_positions=max_positions, **extra)
 
 
+def _activation(name: str | None) -> str:
+    """A transformers activation name as the fusion it becomes (tanh-approximated gelu -> FastGelu, ...)."""
+    kinds = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+             "gelu_tanh": "gelu_tanh", "gelu": "gelu_erf", "relu": "relu", "silu": "silu", "swish": "silu"}
+    return kinds.get(name or "", name or "unknown")
+
+
 def _head_dim(config, hidden_size: int, heads: int) -> int:
     explicit = getattr(config, "head_dim", None)
     return int(explicit) if explicit else hidden_size // heads
@@ -119,7 +135,7 @@ def _head_dim(config, hidden_size: int, heads: int) -> int:
 @register("gpt2")
 def _gpt2(config) -> ArchSpec:
     return _multi_head("gpt2", config.n_layer, config.n_head, config.n_embd, config.vocab_size, "learned",
-                       config.n_positions)
+                       config.n_positions, activation=_activation(config.activation_function))
 
 
 @register("gpt_neo")
@@ -128,31 +144,50 @@ def _gpt_neo(config) -> ArchSpec:
     local = "local" in set(config.attention_layers)
     return _multi_head("gpt_neo", config.num_layers, config.num_heads, config.hidden_size, config.vocab_size,
                        "learned", config.max_position_embeddings,
-                       sliding_window=config.window_size if local else None)
+                       sliding_window=config.window_size if local else None,
+                       activation=_activation(config.activation_function),
+                       unfusable=(("attention", "GPT-Neo scores attention without the 1/sqrt(D) scale and applies "
+                                                "its causal mask with Where before the additive mask; onnxscript's "
+                                                "SDPA patterns (0.7) do not match that, so it stays MatMul/Softmax"),))
 
 
 @register("gptj")
 def _gptj(config) -> ArchSpec:
-    return _multi_head("gptj", config.n_layer, config.n_head, config.n_embd, config.vocab_size, "rotary", None)
+    # One norm per layer: attention and MLP run in parallel on the same normalized input.
+    return _multi_head("gptj", config.n_layer, config.n_head, config.n_embd, config.vocab_size, "rotary", None,
+                       norms_per_layer=1, activation=_activation(config.activation_function),
+                       unfusable=(("gelu", "ONNX Runtime 1.32's transformer optimizer breaks GPT-J's parallel "
+                                           "attention/MLP block (the graph it writes is not a DAG), and onnxscript's "
+                                           "gelu pattern does not match; the tanh gelu stays elementwise"),
+                                 ("rotary", "GPT-J rotates interleaved pairs (rotate_every_two) of the first "
+                                            "rotary_dim dims; onnxscript's rotary patterns match rotate_half only")))
 
 
 @register("gpt_neox")
 def _gpt_neox(config) -> ArchSpec:
     return _multi_head("gpt_neox", config.num_hidden_layers, config.num_attention_heads, config.hidden_size,
-                       config.vocab_size, "rotary", None)
+                       config.vocab_size, "rotary", None, activation=_activation(config.hidden_act))
 
 
 @register("opt")
 def _opt(config) -> ArchSpec:
     # OPT's learned table has max_position_embeddings rows after its offset of 2.
+    # opt-350m style (do_layer_norm_before=False) normalizes after each block and has no final norm.
     return _multi_head("opt", config.num_hidden_layers, config.num_attention_heads, config.hidden_size,
-                       config.vocab_size, "learned", config.max_position_embeddings)
+                       config.vocab_size, "learned", config.max_position_embeddings,
+                       extra_norms=1 if config.do_layer_norm_before else 0,
+                       activation=_activation(config.activation_function))
 
 
 @register("bloom")
 def _bloom(config) -> ArchSpec:
     # ALiBi: the bias comes from the attention mask, so the P prepended ones place the prefix.
-    return _multi_head("bloom", config.n_layer, config.n_head, config.hidden_size, config.vocab_size, "alibi", None)
+    # Its own tanh gelu; a LayerNorm on the word embeddings besides the final one.
+    return _multi_head("bloom", config.n_layer, config.n_head, config.hidden_size, config.vocab_size, "alibi", None,
+                       extra_norms=2, activation="gelu_tanh",
+                       unfusable=(("attention", "ALiBi adds a per-head bias to the scores (baddbmm) that onnxscript's "
+                                                "SDPA patterns (0.7) do not take into MultiHeadAttention's "
+                                                "attention_bias; it stays MatMul/Softmax"),))
 
 
 @register("falcon")
@@ -163,11 +198,22 @@ def _falcon(config) -> ArchSpec:
         kv_heads = config.num_attention_heads
     else:
         kv_heads = 1 if config.multi_query else config.num_attention_heads
+    if config.new_decoder_architecture:
+        norms = getattr(config, "num_ln_in_parallel_attn", None) or 2
+    else:
+        norms = 1 if config.parallel_attn else 2
     return ArchSpec(
         model_type="falcon", num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_kv_heads=kv_heads, head_dim=config.hidden_size // config.num_attention_heads,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-        positions="alibi" if config.alibi else "rotary", max_positions=None)
+        positions="alibi" if config.alibi else "rotary", max_positions=None, norms_per_layer=norms,
+        activation=_activation(getattr(config, "activation", "gelu")))
+
+
+# Per-layer RMSNorms beyond the two around attention and MLP: Qwen3's q/k norms, Gemma-2's post-norms.
+_EXTRA_LAYER_NORMS = {"qwen3": 2, "gemma2": 2}
+_UNFUSABLE = {"gemma2": (("attention", "Gemma-2 soft-caps the attention scores (tanh) before the softmax; "
+                                       "MultiHeadAttention has no soft-cap, so attention stays MatMul/Softmax"),)}
 
 
 def _llama_like(model_type: str):
@@ -178,7 +224,10 @@ def _llama_like(model_type: str):
             model_type=model_type, num_layers=config.num_hidden_layers, num_attention_heads=heads,
             num_kv_heads=kv_heads, head_dim=_head_dim(config, config.hidden_size, heads),
             hidden_size=config.hidden_size, vocab_size=config.vocab_size, positions="rotary", max_positions=None,
-            sliding_window=getattr(config, "sliding_window", None))
+            sliding_window=getattr(config, "sliding_window", None), norm="rmsnorm",
+            norms_per_layer=2 + _EXTRA_LAYER_NORMS.get(model_type, 0),
+            activation=_activation(getattr(config, "hidden_activation", None) or config.hidden_act),
+            unfusable=_UNFUSABLE.get(model_type, ()))
 
     return describe_llama_like
 
