@@ -230,7 +230,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                         opset: int = DEFAULT_OPSET, external_data: bool = False, keep_invalid: bool = False,
                         progress: bool = True, command_line: list[str] | None = None, layout: str = "folded",
                         triton: bool | str = False, validation: ValidationSettings | None = None,
-                        greedy_tokens: int | None = None, swappable_prefix: bool = False) -> ExportResult:
+                        greedy_tokens: int | None = None, swappable_prefix: bool = False,
+                        compile_options=None) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     `model` may be a `PrefixModel` already loaded by `load_prefix_model` (then `prefix` is ignored).
@@ -244,8 +245,29 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     `make_adapter`'s files can switch the task at run time (adapters.py).
     `validation` says how much validation runs (default: by model size, `greedy_tokens` overriding
     the greedy check's length); `tolerances` default to the noise-relative rule (validate/report.py).
+    `compile_options` (compile/pipeline.CompileOptions: `--optimize`, `--precision`): the folder then
+    holds the compiled graph, made from the validated plain export and checked itself (compile_export).
     """
     from .deploy.triton import check_name
+
+    if compile_options is not None and compile_options.changes_graph:
+        if not run_validation:
+            raise InputError("--optimize and --precision ship a graph only once it passed its checks; drop "
+                             "--no-validate (or export without them).")
+        destination, graph_name = resolve_output(out)
+        output.check_destination(destination, force)
+        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
+        scratch = destination.parent / f".{destination.name}.plain"
+        try:
+            export_prefix_model(source, None, scratch / graph_name, force=True, tolerances=tolerances, opset=opset,
+                                external_data=external_data, progress=progress, command_line=command_line,
+                                layout=layout, triton=triton, validation=validation, greedy_tokens=greedy_tokens,
+                                swappable_prefix=swappable_prefix)
+            return compile_export(scratch, out, compile_options, source=source, force=force,
+                                  keep_invalid=keep_invalid, tolerances=tolerances, progress=progress,
+                                  command_line=command_line)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     started = time.perf_counter()
     check_layout(layout)
@@ -335,14 +357,18 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     if missing:
         # Nothing to run; a missing file is a failed check (exit 1), like a changed one.
         return ValidationReport(problems=problems or [f"hash: {m} is missing" for m in missing])
-    inputs = report.get("inputs", {})
-    model = model or existing_path(inputs.get("model_path")) or inputs.get("model")
-    prefix = prefix or existing_path(inputs.get("prefix_path")) or inputs.get("prefix")
-    prefix_config = prefix_config or inputs.get("prefix_config")
-    if not model or not prefix or prefix == "<in-memory>":
-        raise InputError(f"{folder.path}: the report does not say which model and prefix were exported; pass "
-                         "--model and --prefix.")
-    source = load_prefix_model(model, prefix, prefix_config)
+    source = _source_from_report(folder, report, model, prefix, prefix_config)
+    compiled = report.get("compile")
+    if compiled:
+        from .compile.pipeline import check_by_agreement, options_from_report, recheck_fusions
+
+        options = options_from_report(compiled)
+        if options.optimize:
+            problems += recheck_fusions(folder.graph, source.base.spec)
+        if options.precision != "fp32":  # judged as at compile time, against PEFT (the fp32 graph is gone)
+            result = check_by_agreement(folder, None, source.peft_model, options)
+            result.problems[:0] = problems
+            return result
     if tolerances is None:
         tolerances = Tolerances.from_settings(report.get("validation", {}).get("settings", {}))
     kind = kind_for(source.base.spec, report.get("layout", "folded"))
@@ -356,4 +382,97 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
     return result
 
 
-__all__ = ["export_prefix_model", "validate_export", "load_prefix_model", "ExportResult", "PrefixModel"]
+def _source_from_report(folder: ExportFolder, report: dict, model: str | None, prefix: str | Path | None,
+                        prefix_config: str | Path | None) -> PrefixModel:
+    """The model and prefix an export was made from (as recorded, unless given), loaded."""
+    inputs = report.get("inputs", {})
+    model = model or existing_path(inputs.get("model_path")) or inputs.get("model")
+    prefix = prefix or existing_path(inputs.get("prefix_path")) or inputs.get("prefix")
+    prefix_config = prefix_config or inputs.get("prefix_config")
+    if not model or not prefix or prefix == "<in-memory>":
+        raise InputError(f"{folder.path}: the report does not say which model and prefix were exported; pass "
+                         "--model and --prefix.")
+    return load_prefix_model(model, prefix, prefix_config)
+
+
+def compile_export(folder: str | Path, out: str | Path, options, *, model: str | None = None,
+                   prefix: str | Path | None = None, prefix_config: str | Path | None = None,
+                   source: PrefixModel | None = None, force: bool = False, keep_invalid: bool = False,
+                   tolerances: Tolerances | None = None, progress: bool = True,
+                   command_line: list[str] | None = None) -> ExportResult:
+    """Compile an export folder into a new folder `out` (compile/pipeline.py): fused and/or at a
+    reduced precision, validated (against PEFT, or by agreement), published atomically.
+
+    `source` is the loaded model and prefix (export passes its own); else they are loaded from the
+    folder's report (or `model`/`prefix`).
+    """
+    import copy
+
+    from transformers import AutoConfig
+
+    from .compile.pipeline import (check_by_agreement, check_compilable, compile_graph, copy_side_files,
+                                   rotary_table_length)
+    from .source.architectures import describe
+
+    started = time.perf_counter()
+    given = ExportFolder.open(folder)
+    report = given.read_report()
+    check_compilable(report, given)
+    destination, _ = resolve_output(out)
+    if destination.resolve() == given.path.resolve():
+        raise InputError(f"compile writes a new folder; --out {out} is the folder being compiled.")
+    output.check_destination(destination, force)
+    spec = describe(AutoConfig.from_pretrained(str(given.path)))
+    steps = _Progress(3, progress)
+    try:
+        source = source or _source_from_report(given, report, model, prefix, prefix_config)
+        steps("loaded model and prefix")
+        new_report = copy.deepcopy(report)
+        new_report["command_line"] = command_line or sys.argv
+        new_report["compiled_from"] = {"folder": str(given.path), "graph_sha256": report.get("outputs", {}).get(
+            "sha256", {}).get(given.graph_name)}
+        with output.atomic_folder(destination, force) as tmp:
+            target = ExportFolder(tmp, given.graph_name)
+            graph_files = {given.graph_name, given.graph_name + ".data"}
+            copy_side_files(given, tmp, graph_files)
+            t0 = time.perf_counter()
+            info, fp32_graph = compile_graph(given.graph, target.graph, spec, options,
+                                             rotary_table_length(given.config, given.num_virtual_tokens),
+                                             tmp / ".compile")
+            new_report["compile"] = {**options.describe(), **info, "seconds": round(time.perf_counter() - t0, 3)}
+            new_report["graph"] = {**report.get("graph", {}), "nodes": info.get("fusion", {}).get(
+                "nodes_after", report.get("graph", {}).get("nodes")), "weight_bytes": target.graph_bytes(),
+                "external_data": (target.graph.name + ".data") if (tmp / (target.graph.name + ".data")).is_file()
+                else None}
+            steps("compiled graph")
+            if options.precision == "fp32":
+                kind = kind_for(spec, given.layout)
+                if tolerances is None:
+                    tolerances = Tolerances.from_settings(report.get("validation", {}).get("settings", {}))
+                settings = ValidationSettings.from_report(report.get("validation", {}).get("settings", {}),
+                                                          source.base.num_parameters)
+                reference = kind.reference(source.peft_model, spec, tolerances, settings)
+                result = kind.validate(target, reference, spec, tolerances)
+            else:
+                result = check_by_agreement(target, fp32_graph, source.peft_model, options)
+            shutil.rmtree(tmp / ".compile", ignore_errors=True)
+            new_report["validation"] = result.to_dict()
+            new_report["timing_s"] = {**report.get("timing_s", {}), "compile": new_report["compile"]["seconds"],
+                                      "compile_total": round(time.perf_counter() - started, 3)}
+            new_report["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            target.write_report(new_report)
+            steps("validated")
+            if not result.passed:
+                if keep_invalid:
+                    _keep_invalid(tmp, destination)
+                raise ValidationError(f"the {options.precision}{' fused' if options.optimize else ''} graph failed "
+                                      "its checks:\n" + "\n".join(result.failures()[:20]), report=result)
+    except OSError as exc:
+        raise output.translate_os_error(exc, destination) from exc
+    finally:
+        steps.close()
+    return ExportResult(destination, destination / given.graph_name, new_report, result)
+
+
+__all__ = ["export_prefix_model", "validate_export", "compile_export", "load_prefix_model", "ExportResult",
+           "PrefixModel"]

@@ -5,6 +5,7 @@
     prefix-export generate OUT_DIR --prompt "..."
     prefix-export inspect MODEL --prefix CKPT
     prefix-export adapter OUT_DIR --prefix TASK_CKPT --out task.onnx_adapter
+    prefix-export compile OUT_DIR --out OUT2 [--optimize] [--precision int4]
     prefix-export bench --model M --prefix P [--optimize] [--precision int8]
 """
 from __future__ import annotations
@@ -17,68 +18,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_options import add_compile_args, add_export_args, compile_options, tolerances
 from .errors import PrefixExportError
 
-SUBCOMMANDS = ("export", "validate", "generate", "inspect", "bench", "adapter")
+SUBCOMMANDS = ("export", "validate", "generate", "inspect", "bench", "adapter", "compile")
 log = logging.getLogger("prefix_export")
-
-
-def _tolerances(values: list[str] | None, default: float | None):
-    """`--atol 1e-4` and/or `--atol logits=1e-3 --atol 'present.*=2e-4'`."""
-    from .validate.report import Tolerances
-
-    if not values and default is None:
-        return None
-    tolerances = Tolerances() if default is None else Tolerances(atol=default)
-    for value in values or []:
-        name, sep, number = value.rpartition("=")
-        try:
-            parsed = float(number)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--atol {value!r}: expected a number or NAME=NUMBER") from None
-        if sep:
-            tolerances.per_output[name] = parsed
-        else:
-            tolerances.atol = parsed
-    return tolerances
-
-
-def _add_export_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id (from the cache or online) or a local model folder")
-    parser.add_argument("--prefix", required=True,
-                        help="PEFT prefix-tuning adapter folder, or a raw PrefixEncoder state dict "
-                             "(.safetensors/.pt/.bin) with --prefix-config")
-    parser.add_argument("--prefix-config", help="PrefixTuningConfig JSON for a raw state dict "
-                                                "(default: prefix_config.json or adapter_config.json beside it)")
-    parser.add_argument("--out", required=True, help="output folder, or OUT_DIR/NAME.onnx")
-    parser.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
-    parser.add_argument("--no-validate", action="store_true", help="skip validation against PEFT (not advised)")
-    parser.add_argument("--atol", action="append", metavar="[OUTPUT=]ATOL",
-                        help="a fixed absolute tolerance against PEFT in the model's dtype, for all outputs or per "
-                             "output (--atol logits=1e-3 --atol 'present.*=1e-4'; repeatable). Default: the "
-                             "noise-relative rule, error vs a float64 run <= 4 x PyTorch's own + 1e-6")
-    parser.add_argument("--greedy-tokens", type=int, metavar="N",
-                        help="tokens of the greedy check (default by model size: 32 up to 1.5B parameters, 16 up "
-                             "to 4B, 8 above; at least 1)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="export in this dtype (default: as saved; a bfloat16 checkpoint in float16, or float32 "
-                             "where its measured activations need float16's range; bfloat16 only with "
-                             "--no-validate, for GPU targets)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument("--external-data", action="store_true",
-                        help="always write weights as external data (automatic above 2 GB)")
-    parser.add_argument("--triton", nargs="?", const=True, default=False, metavar="NAME",
-                        help="also write a Triton Inference Server model repository entry OUT/triton/NAME "
-                             "(config.pbtxt for the onnxruntime backend; NAME defaults to the folder's name)")
-    parser.add_argument("--keep-invalid", action="store_true",
-                        help="when validation fails, keep the export as OUT.invalid/ for inspection")
-    parser.add_argument("--layout", choices=["folded", "cache"], default="folded",
-                        help="folded (default): the prefix is inside the graph; cache: the plain base decoder, "
-                             "the prefix (prefix_kv.safetensors) is fed as the first past (TensorRT, mobile, "
-                             "one graph for many prefixes)")
-    parser.add_argument("--swappable-prefix", action="store_true",
-                        help="folded layout: keep the prefix replaceable at run time, so that `prefix-export "
-                             "adapter` files (ONNX Runtime adapters) switch the task on one loaded graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser
 
     export = sub.add_parser("export", help="export and validate (the default action)")
-    _add_export_args(export)
+    add_export_args(export)
+    add_compile_args(export)
+
+    compile_ = sub.add_parser("compile", help="compile an export folder into a new one: fused and/or at a reduced "
+                                              "precision, validated")
+    compile_.add_argument("out_dir", help="the export folder to compile (fp32)")
+    compile_.add_argument("--out", required=True, help="the new folder")
+    compile_.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
+    compile_.add_argument("--keep-invalid", action="store_true", help="keep a graph that failed as OUT.invalid/")
+    compile_.add_argument("--model", help="override the model recorded in export_report.json")
+    compile_.add_argument("--prefix", help="override the prefix recorded in export_report.json")
+    compile_.add_argument("--prefix-config")
+    add_compile_args(compile_)
 
     validate = sub.add_parser("validate", help="recheck an export folder (or an adapter file): hashes, then the "
                                                "graph against PEFT")
@@ -170,11 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=2,
                        help="measure every backend in turn this many times (default 2); medians over all rounds")
     bench.add_argument("--provider", action="append", help="cpu (default), cuda, ...; repeatable")
-    bench.add_argument("--precision", action="append", choices=["fp32", "int8"],
-                       help="fp32 (always measured) and/or int8 (dynamic quantization of the MatMuls); repeatable")
+    bench.add_argument("--precision", action="append", choices=["fp32", "fp16", "int8", "int4"],
+                       help="fp32 (always measured) and/or what `compile --precision` ships: int8, int4 (CPU and "
+                            "GPU), fp16 (GPU providers only); each validated by agreement; repeatable")
     bench.add_argument("--optimize", action="store_true",
-                       help="also measure a fused graph (attention, skip layer norm, gelu); kept if it validates "
-                            "and is faster")
+                       help="also measure the fused graph `compile --optimize` ships (reduced precisions then "
+                            "fused too); the headline uses it if it is faster")
     bench.add_argument("--no-eager", action="store_true", help="skip the PEFT eager baseline")
     bench.add_argument("--no-base", action="store_true",
                        help="skip the base-model export (no prefix cost, and no cache layout)")
@@ -235,6 +192,18 @@ def _print_export_summary(result) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    compiled = report.get("compile")
+    if compiled:
+        fusion = compiled.get("fusion")
+        if fusion:
+            counts = ", ".join(f"{k} {v['matched']}/{v['expected']}" for k, v in fusion["expected"].items())
+            print(f"{'fused':<{width}}  {counts}; nodes {fusion['nodes_before']} -> {fusion['nodes_after']}")
+            for kind, why in fusion.get("not_fusable", {}).items():
+                print(f"{'':<{width}}  {kind} not fused: {why}")
+        quantization = compiled["quantization"]
+        if quantization["precision"] != "fp32":
+            settings = ", ".join(f"{k}={v}" for k, v in quantization.items() if k != "precision")
+            print(f"{'precision':<{width}}  {quantization['precision']} ({settings})")
     _print_validation(result.validation, "graph")
 
 
@@ -251,10 +220,24 @@ def cmd_export(args) -> int:
 
     result = export_prefix_model(
         args.model, args.prefix, args.out, prefix_config=args.prefix_config, force=args.force,
-        run_validation=not args.no_validate, tolerances=_tolerances(args.atol, None), dtype=args.dtype,
+        run_validation=not args.no_validate, tolerances=tolerances(args.atol, None), dtype=args.dtype,
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
         progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton,
-        greedy_tokens=args.greedy_tokens, swappable_prefix=args.swappable_prefix)
+        greedy_tokens=args.greedy_tokens, swappable_prefix=args.swappable_prefix,
+        compile_options=compile_options(args))
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        _print_export_summary(result)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .api import compile_export
+
+    result = compile_export(args.out_dir, args.out, compile_options(args), model=args.model, prefix=args.prefix,
+                            prefix_config=args.prefix_config, force=args.force, keep_invalid=args.keep_invalid,
+                            progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv])
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -267,12 +250,12 @@ def cmd_validate(args) -> int:
         from .adapters import validate_adapter
 
         report = validate_adapter(args.out_dir, model=args.model, prefix=args.prefix, prefix_config=args.prefix_config,
-                                  tolerances=_tolerances(args.atol, None))
+                                  tolerances=tolerances(args.atol, None))
     else:
         from .api import validate_export
 
         report = validate_export(args.out_dir, args.model, args.prefix, args.prefix_config,
-                                 _tolerances(args.atol, None))
+                                 tolerances(args.atol, None))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
 
@@ -324,7 +307,7 @@ def cmd_adapter(args) -> int:
 
     result = make_adapter(args.out_dir, args.prefix, args.out, model=args.model, prefix_config=args.prefix_config,
                           force=args.force, run_validation=not args.no_validate,
-                          tolerances=_tolerances(args.atol, None), greedy_tokens=args.greedy_tokens,
+                          tolerances=tolerances(args.atol, None), greedy_tokens=args.greedy_tokens,
                           command_line=["prefix-export", *args.argv])
     if args.json:
         print(json.dumps(result.report, indent=2))
@@ -404,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler = {"export": cmd_export, "validate": cmd_validate, "generate": cmd_generate,
-               "inspect": cmd_inspect, "bench": cmd_bench, "adapter": cmd_adapter}[args.command]
+               "inspect": cmd_inspect, "bench": cmd_bench, "adapter": cmd_adapter,
+               "compile": cmd_compile}[args.command]
     try:
         return handler(args)
     except PrefixExportError as exc:

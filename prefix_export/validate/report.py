@@ -195,6 +195,8 @@ class ValidationReport:
     problems: list[str] = dataclasses.field(default_factory=list)  # names, shapes, NaN, token mismatches
     greedy: list[dict] = dataclasses.field(default_factory=list)
     settings: dict = dataclasses.field(default_factory=dict)
+    # A reduced-precision graph is judged by agreement instead (compile/agreement.py): its figures
+    agreement: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -274,6 +276,8 @@ class ValidationReport:
                  f"{self.settings.get('noise_factor', NOISE_FACTOR):g} x PyTorch err + "
                  f"{self.settings.get('floor', NOISE_FLOOR):g}; else against PyTorch, the limit a fixed atol."
                  "\n   PyTorch err: PyTorch fp32's own largest error against float64 for that output, over all steps)"]
+        if not self.comparisons and self.agreement:  # judged by agreement only: no tolerance table
+            lines = []
         for check, output, max_abs, _, atol, ok, noise in self.summary_rows():
             shown = "-" if noise is None else f"{noise:.3e}"
             lines.append(f"{check:<9} {output:<19} {max_abs:>12.3e} {shown:>12} {atol:>9.2e}  "
@@ -288,12 +292,30 @@ class ValidationReport:
             lines.append(f"greedy    prompt {item['prompt']} ({item['prompt_length']} tok): "
                          f"{item['matching']}/{item['new_tokens']} tokens equal  "
                          f"{'ok' if item['matching'] == item['new_tokens'] else 'FAILED'}")
+        lines.extend(self._agreement_lines())
         lines.extend(f"PROBLEM: {p}" for p in self.problems)
         lines.append(f"validation {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 
+    def _agreement_lines(self) -> list[str]:
+        if not self.agreement:
+            return []
+        a, limits = self.agreement, self.agreement.get("thresholds", {})
+        lines = [f"agreement over {a['prompts']} prompts ({a['positions']} positions), greedy {a['greedy_tokens']} "
+                 f"tokens on {a['greedy_prompts']}; limits: top-1 >= {limits.get('top1')}, greedy equal >= "
+                 f"{limits.get('greedy')}"]
+        for label, row in a["against"].items():
+            lines.append(f"  vs {label:<11} top-1 {row['top1_agreement']:.3f}   greedy equal {row['greedy_equal']}/"
+                         f"{a['greedy_prompts']}")
+        task = a.get("task")
+        if task:
+            lines.append(f"  task exact match {task['exact_match']:.3f} ({task['reference_label']}: "
+                         f"{task['reference_exact_match']:.3f}) over {task['records']} records")
+        return lines
+
     def to_dict(self) -> dict:
         return {"passed": self.passed, "settings": self.settings, "problems": self.problems,
+                "agreement": self.agreement,
                 "summary": [dict(zip(("check", "output", "max_abs", "max_rel", "atol", "passed", "pytorch_vs_fp64"),
                                      row)) for row in self.summary_rows()],
                 "greedy": self.greedy, "comparisons": [dataclasses.asdict(c) for c in self.comparisons]}

@@ -1,0 +1,183 @@
+"""The compile step: an exported graph -> the graph we ship (fused and/or at a reduced precision), and
+the checks that decide whether it may ship.
+
+    fp32 (+ fused)     validated against PEFT exactly like a plain export (logit tolerance, greedy
+                       token for token, both layouts), plus the fusion counts the registry expects
+    fp16, int8, int4   validated by agreement (compile/agreement.py) with PEFT and with the fp32 graph
+                       they were made from, against documented thresholds
+
+`api.compile_export` owns the folder (atomic output, the report); this module owns the graphs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from ..errors import InputError
+from ..source.architectures import ArchSpec
+from ..validate.report import ValidationReport
+from .agreement import DEFAULT_THRESHOLDS, Thresholds
+from .quantize import QuantizationSettings
+
+log = logging.getLogger(__name__)
+
+META_COMPILE = "prefix_export.compile"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What to do to the graph (`optimize`: fusions; `quantization.precision`) and how it is judged."""
+
+    optimize: bool = False
+    quantization: QuantizationSettings = QuantizationSettings()
+    thresholds: Thresholds | None = None  # default: DEFAULT_THRESHOLDS[precision]
+    task_file: str | None = None  # prompt/target JSON lines: exact match must not drop (reduced precisions)
+    prompts: int = 16
+    greedy_prompts: int = 8
+    greedy_tokens: int = 32
+
+    @property
+    def precision(self) -> str:
+        return self.quantization.precision
+
+    @property
+    def changes_graph(self) -> bool:
+        return self.optimize or self.precision != "fp32"
+
+    @property
+    def limits(self) -> Thresholds | None:
+        return self.thresholds or DEFAULT_THRESHOLDS.get(self.precision)
+
+    def describe(self) -> dict:
+        data = {"optimize": self.optimize, "quantization": self.quantization.to_dict()}
+        if self.precision != "fp32":
+            data.update(thresholds=self.limits.to_dict(), task_file=self.task_file,
+                        prompts=self.prompts, greedy_prompts=self.greedy_prompts, greedy_tokens=self.greedy_tokens)
+        return data
+
+
+def rotary_table_length(config: dict, num_virtual_tokens: int) -> int:
+    """Rows of the rotary cos/sin tables a fused graph holds: the model's context plus the prefix."""
+    return int(config.get("max_position_embeddings") or 4096) + num_virtual_tokens
+
+
+def compile_graph(source_graph: Path, target_graph: Path, spec: ArchSpec, options: CompileOptions,
+                  table_length: int, workdir: Path) -> tuple[dict, Path]:
+    """Write the compiled graph; returns (what was done, the fp32 graph it was made from).
+
+    The fp32 graph is `source_graph`, or the fused graph in `workdir` (the reference for agreement).
+    """
+    from .fusions import fuse
+    from .graphio import load, save
+    from .quantize import reduce_precision
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    info: dict = {"optimize": options.optimize, "quantization": options.quantization.to_dict()}
+    fp32_graph = source_graph
+    if options.optimize:
+        fused = target_graph if options.precision == "fp32" else workdir / "fused.onnx"
+        info["fusion"] = fuse(source_graph, fused, spec, table_length).to_dict()
+        fp32_graph = fused
+    if options.precision != "fp32":
+        info["conversion"] = reduce_precision(fp32_graph, target_graph, options.quantization)
+    elif not options.optimize:
+        save(load(source_graph), target_graph)
+    _stamp(target_graph, info)
+    return info, fp32_graph
+
+
+def _stamp(graph: Path, info: dict) -> None:
+    """What was done, in the graph's own metadata (the graph may travel without its report)."""
+    from .graphio import load, save
+
+    model = load(graph)
+    summary = {"optimize": info["optimize"], "quantization": info["quantization"]}
+    if "fusion" in info:
+        summary["fusions"] = {k: f"{v['matched']}/{v['expected']}" for k, v in info["fusion"]["expected"].items()}
+    values = {p.key: p.value for p in model.metadata_props}
+    values[META_COMPILE] = json.dumps(summary, sort_keys=True)
+    del model.metadata_props[:]
+    for key, value in values.items():
+        model.metadata_props.add(key=key, value=value)
+    save(model, graph)
+
+
+def check_by_agreement(folder, fp32_graph: Path | None, peft_model, options: CompileOptions) -> ValidationReport:
+    """A reduced-precision folder judged by agreement with PEFT (and the fp32 graph, when given)."""
+    from ..runtime.decoder import OnnxDecoder
+    from ..runtime.sessions import create_session
+    from .agreement import GraphScorer, PeftScorer, judge, measure, prompt_set, read_task_file, task_exact_match
+
+    prefix = folder.read_prefix() if folder.layout == "cache" else None
+    low_memory = options.precision == "fp16"
+
+    def decoder(graph: Path):
+        return OnnxDecoder(create_session(graph, "cpu", low_memory=low_memory), prefix)
+
+    candidate = GraphScorer(decoder(folder.graph), options.precision)
+    references = [PeftScorer(peft_model)]
+    if fp32_graph is not None:
+        references.append(GraphScorer(OnnxDecoder(create_session(fp32_graph, "cpu"), prefix), "fp32 graph"))
+    tokenizer = folder.load_tokenizer()
+    vocab = folder.vocab_size or candidate.decoder.vocab_size
+    prompts = prompt_set(tokenizer, vocab, options.prompts)
+    result = measure(candidate, references, prompts, options.greedy_prompts, options.greedy_tokens,
+                     folder.eos_token_id)
+    task = None
+    if options.task_file:
+        task = task_exact_match(candidate, references[-1], tokenizer, read_task_file(options.task_file))
+        result["task"] = task
+    result["thresholds"] = options.limits.to_dict()
+    failures = judge(result, options.limits, task)
+    return ValidationReport(problems=failures, agreement=result,
+                            settings={"method": "agreement", **options.describe()})
+
+
+def recheck_fusions(graph: Path, spec: ArchSpec) -> list[str]:
+    """The fused graph still holds what the registry expects (`validate` on a compiled folder)."""
+    from .fusions import count_fusions
+    from .graphio import load
+
+    counts, _ = count_fusions(load(graph), spec)
+    return [f"fusion {kind} {got}/{want} (matched/expected)" for kind, (got, want) in counts.items() if got != want]
+
+
+def options_from_report(compile_info: dict) -> CompileOptions:
+    """The options a compiled folder was made with, for `validate` to recheck by the same criteria."""
+    quantization = dict(compile_info.get("quantization", {}))
+    precision = quantization.pop("precision", "fp32")
+    settings = QuantizationSettings(
+        precision=precision, method=quantization.get("method", "nbits"),
+        block_size=quantization.get("block_size", 32), accuracy_level=quantization.get("accuracy_level", 4),
+        symmetric=quantization.get("symmetric", True), algorithm=quantization.get("algorithm", "rtn"),
+        quantize_lm_head=quantization.get("quantize_lm_head", True),
+        keep_8bit=tuple(quantization.get("keep_8bit", ())))
+    thresholds = compile_info.get("thresholds")
+    return CompileOptions(optimize=compile_info.get("optimize", False), quantization=settings,
+                          thresholds=Thresholds(**thresholds) if thresholds else None,
+                          task_file=compile_info.get("task_file"), prompts=compile_info.get("prompts", 16),
+                          greedy_prompts=compile_info.get("greedy_prompts", 8),
+                          greedy_tokens=compile_info.get("greedy_tokens", 32))
+
+
+def check_compilable(report: dict, folder) -> None:
+    """Refuse what compile cannot take, before any work."""
+    if folder.is_seq2seq:
+        raise InputError(f"{folder.path}: compile takes decoder-only exports; this is an encoder-decoder export "
+                         "(its two graphs are not fused or quantized yet).")
+    done = report.get("compile", {}).get("quantization", {}).get("precision", "fp32")
+    if done != "fp32":
+        raise InputError(f"{folder.path} is already a {done} graph; compile the fp32 export instead.")
+
+
+def copy_side_files(source, target: Path, graph_files: set[str]) -> None:
+    """Everything of the export folder but its graph files and report (the compiled graph replaces them)."""
+    for path in source.files():
+        relative = path.relative_to(source.path)
+        if relative.name in graph_files or relative == source.report_file.relative_to(source.path):
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / relative)
