@@ -1,8 +1,8 @@
 """`prefix-export bench` on a tiny GPT-2: the JSON, the table and the plot are written and sane.
 
 No timing assertions (the machine is shared); what is checked is structure, the validations the bench
-runs on each graph it builds, the fusion counts, int8 agreement and that the eager baseline really
-applies the prefix (its greedy tokens equal the validated export's).
+runs on each graph it builds (through the compile path), the fusion counts, int8/int4 agreement and that
+the eager baseline really applies the prefix (its greedy tokens equal the validated export's).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def bench_run(tmp_path_factory, gpt2_dir, gpt2_adapter):
     out = tmp_path_factory.mktemp("bench")
     code = cli.main(["bench", "-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out),
                      "--batch-sizes", "1,2", "--contexts", "4,8", "--new-tokens", "4", "--optimize",
-                     "--precision", "int8", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2",
+                     "--precision", "int8", "--precision", "int4", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2",
                      "--targets", str(TARGETS)])
     assert code == 0
     return out, json.loads((out / run.BENCH_JSON).read_text())
@@ -35,8 +35,8 @@ def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
     _, result = bench_run
     backends = {row["backend"] for row in result["rows"]}
     assert backends == {"eager (PEFT, PyTorch)", "export fp32", "base fp32", "export fp32+fused", "base fp32+fused",
-                        "export int8", "base int8", "export[cache] fp32+fused",
-                        "export[cache] int8"}
+                        "export int8", "base int8", "export int4", "base int4", "export[cache] fp32+fused",
+                        "export[cache] int8", "export[cache] int4"}
     for name in backends:
         configs = sorted((r["batch"], r["context"]) for r in result["rows"] if r["backend"] == name)
         assert configs == [(1, 4), (1, 8), (2, 4), (2, 8)], name
@@ -69,22 +69,27 @@ def test_bench_validates_what_it_measures(bench_run):
     assert variants["base fp32"]["validation"]["passed"]  # base export vs the base model's forward
     fused = variants["export fp32+fused"]
     assert fused["validation"]["passed"]
-    expected = fused["fusion"]["expected"]
-    assert expected["attention"] == {"matched": 2, "expected": 2}
-    assert expected["gelu"] == {"matched": 2, "expected": 2}
-    assert expected["layernorm"]["matched"] == expected["layernorm"]["expected"] == 5
-    assert fused["fusion"]["missing"] == []
-    assert fused["fusion"]["nodes_after"] < fused["fusion"]["nodes_before"]
-    int8 = variants["export int8"]
-    assert int8["quantized"] == int8["matmuls"] > 0
-    assert int8["weight_bytes_after"] < int8["weight_bytes_before"]
-    assert 0.5 <= int8["agreement_random_prompts"]["top1_agreement"] <= 1.0
+    fusion = fused["compile"]["fusion"]  # made by the compile path, as `compile --optimize` ships it
+    assert fusion["expected"]["attention"] == {"matched": 2, "expected": 2}
+    assert fusion["expected"]["gelu"] == {"matched": 2, "expected": 2}
+    assert fusion["expected"]["normalization"] == {"matched": 5, "expected": 5}
+    assert fusion["missing"] == [] and fusion["nodes_after"] < fusion["nodes_before"]
+    for precision in ("int8", "int4"):
+        reduced = variants[f"export {precision}"]
+        assert reduced["compile"]["quantization"]["precision"] == precision and reduced["compile"]["optimize"]
+        agreement = reduced["validation"]["agreement"]
+        assert reduced["validation"]["passed"] and set(agreement["against"]) == {"PEFT", "fp32 graph"}
+        assert agreement["against"]["PEFT"]["top1_agreement"] >= agreement["thresholds"]["top1"]
+        assert variants[f"base {precision}"]["cache_layout_validation"]["passed"]
+    embedded = result["agreement_embedded"]
+    assert {"int8", "int4"} <= set(embedded) and embedded["int8"]["agreement"]["task"]["records"] > 0
     # The eager baseline applies the prefix: its greedy tokens are the validated export's.
     assert all(v.startswith("4/4") for v in result["eager_matches_export"].values()), result["eager_matches_export"]
     assert result["optimize_decision"]["kept"] in (True, False)
     assert set(result["optimize_decision"]["by_backend"]) == {"export fp32", "export[cache] fp32"}
     assert "base rows" in result["optimize_decision"]["by_backend"]["export[cache] fp32"]["why"]
-    assert set(result["targets"]) >= {"export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32", "layout"}
+    assert set(result["targets"]) >= {"export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32",
+                                      "int4_vs_fp32", "int4_vs_int8", "int8_top1_agreement", "layout"}
     assert set(result["targets"]["by_layout"]) == {"folded", "cache"}
 
 
@@ -133,27 +138,34 @@ def test_bench_rejects_missing_inputs(tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
-def test_agreement_counts_top1_positions():
-    from prefix_export.compile.passes import agreement
+def test_agreement_counts_top1_positions_and_greedy_equality():
+    from prefix_export.compile.agreement import Thresholds, judge, measure
 
     class Fixed:
-        """A stand-in decoder whose next token is (token + shift) % V."""
+        """A stand-in scorer whose next token is (token + shift) % 16."""
 
-        def __init__(self, shift):
-            self.shift = shift
+        def __init__(self, shift, label="fixed"):
+            self.shift, self.label = shift, label
 
-        def empty_past(self, batch):
-            return []
+        def logits(self, ids):
+            logits = np.zeros((ids.size, 16), np.float32)
+            np.put_along_axis(logits, ((ids + self.shift) % 16)[:, None], 1.0, axis=-1)
+            return logits
 
-        def run(self, ids, mask, positions, past):
-            logits = np.zeros((*ids.shape, 16), np.float32)
-            np.put_along_axis(logits, ((ids + self.shift) % 16)[..., None], 1.0, axis=-1)
-            return logits, []
+        def greedy(self, ids, steps, eos):
+            out, token = [], ids[-1]
+            for _ in range(steps):
+                token = (token + self.shift) % 16
+                out.append(token)
+            return np.array(out)
 
     prompts = [np.arange(5), np.arange(3)]
-    assert agreement(Fixed(1), Fixed(1), prompts)["top1_agreement"] == 1.0
-    assert agreement(Fixed(1), Fixed(2), prompts)["top1_agreement"] == 0.0
-    assert agreement(Fixed(1), Fixed(1), prompts)["positions"] == 8
+    same = measure(Fixed(1), [Fixed(1, "a")], prompts, greedy_prompts=2, greedy_tokens=4)
+    assert same["positions"] == 8 and same["against"]["a"]["top1_agreement"] == 1.0
+    assert same["against"]["a"]["greedy_equal"] == 2 and judge(same, Thresholds(0.9, 1.0)) == []
+    other = measure(Fixed(1), [Fixed(2, "b")], prompts, greedy_prompts=2, greedy_tokens=4)
+    assert other["against"]["b"]["top1_agreement"] == 0.0 and other["against"]["b"]["greedy"][0]["first_divergence"] == 0
+    assert any("top-1 agreement with b 0.000 < 0.9" in f for f in judge(other, Thresholds(0.9, 0.0)))
 
 
 def test_backends_on_a_gpu_provider_run_eager_there_and_keep_int8_on_the_cpu(tmp_path):

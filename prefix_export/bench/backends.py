@@ -45,7 +45,7 @@ class Backend:
 
     kind: str  # "eager", "export" (ours, prefix applied) or "base" (no prefix)
     layout: str  # "folded", "cache" or "-" (eager, base)
-    precision: str  # "fp32", "fp32+fused", "int8"
+    precision: str  # "fp32", "fp32+fused", "int8", "int4", "fp16"
     provider: str  # ORT provider alias, or "torch:cpu" / "torch:cuda"
     graph: Path | None
     weights: int  # bytes of weights read per decode step

@@ -16,8 +16,10 @@ from .backends import backend_name
 log = logging.getLogger(__name__)
 
 # The ratios reported at the headline config (batch 1, context nearest 32); each may get a limit.
-MEASURES = ("export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32", "int8_top1_agreement")
-HIGHER_IS_BETTER = ("int8_top1_agreement",)
+MEASURES = ("export_vs_eager", "prefix_cost", "export_vs_floor", "int8_vs_fp32", "int4_vs_fp32", "int4_vs_int8",
+            "int4_vs_eager", "int8_top1_agreement", "int4_top1_agreement", "int8_exact_match_drop",
+            "int4_exact_match_drop")
+HIGHER_IS_BETTER = ("int8_top1_agreement", "int4_top1_agreement")
 
 
 def _matches(row: dict, kind: str, layout: str, precision: str, provider: str) -> bool:
@@ -107,7 +109,7 @@ def evaluate_targets(result: dict, limits: dict | None = None) -> dict:
     limits = limits or {}
     decisions = (result.get("optimize_decision") or {}).get("by_backend", {})
     eager = _pick(rows, "eager", "-", "fp32", "torch:cpu", config)
-    embedded = result.get("int8_agreement_embedded")
+    embedded = result.get("agreement_embedded") or {}
 
     def entry(key, value):
         limit = limits.get(key)
@@ -124,7 +126,7 @@ def evaluate_targets(result: dict, limits: dict | None = None) -> dict:
             continue
         fused = ours["precision"] == "fp32+fused"
         base = _pick(rows, "base", "-", "fp32+fused" if fused else "fp32", config=config)
-        int8 = _pick(rows, "export", layout, "int8", config=config)
+        reduced = {p: _pick(rows, "export", layout, p, config=config) for p in ("int8", "int4")}
         targets = {"ours": ours["backend"], "decode_p50_ms": ours["decode_p50_ms"]}
         if eager:
             targets["export_vs_eager"] = entry("export_vs_eager", ours["decode_p50_ms"] / eager["decode_p50_ms"])
@@ -132,10 +134,24 @@ def evaluate_targets(result: dict, limits: dict | None = None) -> dict:
             targets["prefix_cost"] = entry("prefix_cost", ours["decode_p50_ms"] / base["decode_p50_ms"] - 1)
         if ours["x_floor"] is not None:
             targets["export_vs_floor"] = entry("export_vs_floor", ours["x_floor"])
-        if int8:
-            targets["int8_vs_fp32"] = entry("int8_vs_fp32", int8["decode_p50_ms"] / ours["decode_p50_ms"])
-        if embedded:
-            targets["int8_top1_agreement"] = entry("int8_top1_agreement", embedded["top1_agreement"])
+        for precision, row in reduced.items():
+            if row:
+                targets[f"{precision}_vs_fp32"] = entry(f"{precision}_vs_fp32",
+                                                        row["decode_p50_ms"] / ours["decode_p50_ms"])
+        if reduced["int4"] and reduced["int8"]:
+            targets["int4_vs_int8"] = entry("int4_vs_int8", reduced["int4"]["decode_p50_ms"] /
+                                            reduced["int8"]["decode_p50_ms"])
+        if reduced["int4"] and eager:
+            targets["int4_vs_eager"] = entry("int4_vs_eager", reduced["int4"]["decode_p50_ms"] / eager["decode_p50_ms"])
+        for precision in ("int8", "int4"):
+            agreement = (embedded.get(precision) or {}).get("agreement") or {}
+            fp32 = agreement.get("against", {}).get("fp32 graph")
+            if fp32:
+                targets[f"{precision}_top1_agreement"] = entry(f"{precision}_top1_agreement", fp32["top1_agreement"])
+            task = agreement.get("task")
+            if task:
+                targets[f"{precision}_exact_match_drop"] = entry(f"{precision}_exact_match_drop",
+                                                                 task["reference_exact_match"] - task["exact_match"])
         by_layout[layout] = targets
     if not by_layout:
         return {}
@@ -149,6 +165,15 @@ def evaluate_targets(result: dict, limits: dict | None = None) -> dict:
 
 def _cell(value: float | None, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+
+def _agreement_text(agreement: dict) -> str:
+    parts = [f"top-1 vs {label} {row['top1_agreement']:.3f}, greedy equal {row['greedy_equal']}/"
+             f"{agreement['greedy_prompts']}" for label, row in agreement["against"].items()]
+    task = agreement.get("task")
+    if task:
+        parts.append(f"task exact match {task['exact_match']:.3f} (fp32 {task['reference_exact_match']:.3f})")
+    return "; ".join(parts)
 
 
 def format_table(result: dict) -> str:
@@ -184,14 +209,13 @@ def format_table(result: dict) -> str:
             status += "; with the prefix as past (cache layout) " + ("validated against PEFT" if cache.get("passed")
                                                                      else "FAILED validation")
         extra = ""
-        if "fusion" in variant:
-            fusion = variant["fusion"]
+        fusion = (variant.get("compile") or {}).get("fusion")
+        if fusion:
             extra = "; fused " + ", ".join(f"{k} {v['matched']}/{v['expected']}" for k, v in fusion["expected"].items())
             extra += f"; nodes {fusion['nodes_before']} -> {fusion['nodes_after']}"
-        if "agreement_random_prompts" in variant:
-            a = variant["agreement_random_prompts"]
-            extra = f"; top-1 agreement with fp32 {a['top1_agreement']:.3f} over {a['positions']} positions " \
-                    f"(random prompts), greedy equal {a.get('greedy_equal')}/{a['prompts']}"
+        agreement = (validation or {}).get("agreement")
+        if agreement:
+            extra += "; " + _agreement_text(agreement)
         lines.append(f"{variant['name']}: build {variant['build_s']:.1f}s, reads "
                      f"{variant['weights_read_per_token'] / 1e6:.1f} MB of weights per token{status}{extra}")
     lines.extend(f"note: {note}" for note in result.get("notes", []))
@@ -202,12 +226,13 @@ def format_table(result: dict) -> str:
     if result.get("eager_matches_export"):
         lines.append("eager vs export greedy tokens: " + "; ".join(f"{k}: {v}" for k, v in
                                                                    result["eager_matches_export"].items()))
-    embedded = result.get("int8_agreement_embedded")
-    if embedded:
-        lines.append(f"int8 on {embedded['model']}: top-1 agreement with fp32 {embedded['top1_agreement']:.3f} "
-                     f"over {embedded['positions']} positions (prompt + reference); greedy outputs equal "
-                     f"{embedded['greedy_equal']}/{embedded['greedy_prompts']}; exact match with the reference "
-                     f"fp32 {embedded['fp32_exact_match']}, int8 {embedded['int8_exact_match']}")
+    for failed in result.get("failed_variants", []):
+        lines.append(f"{failed['name']}: NOT measured, {failed['failed']}")
+    embedded = result.get("agreement_embedded") or {}
+    for precision, each in embedded.items():
+        if precision != "model" and each.get("agreement"):
+            lines.append(f"{precision} on {embedded['model']}: {_agreement_text(each['agreement'])}"
+                         f"{'' if each['passed'] else ' (FAILED its thresholds)'}")
     targets = result.get("targets") or {}
     if targets:
         config = targets["config"]

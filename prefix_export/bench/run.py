@@ -25,7 +25,7 @@ from .backends import Backend, time_generation
 from .probes import (PeakMemory, kv_bytes, load_average, machine_info, measure_bandwidth, measure_gpu_bandwidth,
                      weights_read_per_token)
 from .report import eager_matches, evaluate_targets, optimize_decision, write_plot
-from .variants import embedded_agreement, export_variants, fused_variants, int8_variants
+from .variants import compiled_variants, embedded_agreement, export_variants
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         result["notes"].append("model/prefix unknown: eager and base backends skipped")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_configs = len(settings.batch_sizes) * len(settings.contexts)
-    n_graph_variants = (1 + int(settings.optimize) + int("int8" in settings.precisions)) * (1 + int(settings.base))
+    n_graph_variants = (1 + int(settings.optimize) + len(set(settings.precisions) - {"fp32"})) * (1 + int(settings.base))
     bar = _Bar(4 + n_graph_variants + settings.rounds * n_configs * (n_graph_variants * len(settings.providers)
                                                                      + int(settings.eager)),
                progress)
@@ -217,18 +217,21 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
 
         workdir = out_dir / "graphs"
         workdir.mkdir(exist_ok=True)
-        variants, export_folder = export_variants(source, Path(export_dir) if export_dir else None, workdir,
-                                                  settings, bar)
+        variants, export_folder, folders = export_variants(source, Path(export_dir) if export_dir else None,
+                                                           workdir, settings, bar)
         export_layout = export_folder.layout
         P = export_folder.num_virtual_tokens
         spec = source.base.spec if source is not None else _spec_from_graph(export_folder.graph)
         # The cache layout feeds the export's own prefix file to the base graphs (and their fused / int8
         # versions); validated against PEFT like an export.
         prefix_file = export_folder.prefix_file if export_folder.prefix_file.is_file() else None
-        if settings.optimize:
-            variants += fused_variants(variants, workdir, spec, source, export_layout, prefix_file, settings, bar)
-        if "int8" in settings.precisions:
-            variants += int8_variants(variants, workdir, bar)
+        if source is not None:  # what --optimize / --precision ship, through the compile path
+            compiled, failed = compiled_variants([v for v in variants if v.kind in folders], folders, workdir,
+                                                 settings, source, bar)
+            variants += compiled
+            result["failed_variants"] = failed
+        elif settings.optimize or settings.precisions != ("fp32",):
+            result["notes"].append("model/prefix unknown: compiled variants (which validate against PEFT) skipped")
         for variant in variants:
             variant.weights_read = weights_read_per_token(variant.graph)
         result["variants"] = [{"name": v.name, "graph": str(v.graph), "kind": v.kind, "precision": v.precision,
@@ -318,9 +321,11 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
             result["notes"].append("no GPU bandwidth (PyTorch without CUDA here): GPU rows have no floor")
         result["rows"] = rows
         result["optimize_decision"] = optimize_decision(rows, settings.optimize)
-        if settings.agreement_model is not None and "int8" in settings.precisions:
-            result["int8_agreement_embedded"] = embedded_agreement(Path(settings.agreement_model), workdir)
-            bar("int8 agreement on the embedded model")
+        reduced = [p for p in settings.precisions if p in ("int8", "int4")]
+        if settings.agreement_model is not None and reduced:
+            result["agreement_embedded"] = embedded_agreement(Path(settings.agreement_model), workdir, reduced,
+                                                              settings.optimize)
+            bar("agreement on the embedded model")
         result["eager_matches_export"] = eager_matches(rows)
         result["targets"] = evaluate_targets(result, settings.targets)
         result["timeline_s"] = bar.timeline

@@ -4,18 +4,17 @@
     base fp32          `export_prefix_model(layout="cache")`: the plain base decoder; checked against
                        the base model's forward, and, fed the prefix, validated against PEFT (that is
                        the cache layout, measured as `export[cache]`)
-    ... fp32+fused     compile.passes.fuse of each, validated the same way (dropped if it fails)
-    ... int8           compile.passes.quantize_int8 of the best fp32 graph, checked by top-1 agreement
+    ... fp32+fused     `compile_export(optimize=True)` of each folder: what `--optimize` ships, validated
+                       as compile validates it (dropped, and reported, if it fails)
+    ... int8/int4/fp16 `compile_export(precision=...)` (fused too with --optimize), validated by
+                       agreement with PEFT and the fp32 graph (fp16 only with a GPU provider)
 
-Graphs made here live in `OUT/graphs/<name>/` with the export's prefix file beside them, so each is
-an export folder the validators can open like any other.
+Graphs made here live in `OUT/graphs/<name>/`: each is an export folder like the ones users ship.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -49,7 +48,8 @@ def short_settings(greedy_tokens: int) -> ValidationSettings:
 def summarize(report) -> dict:
     """A ValidationReport as bench.json keeps it."""
     return {"passed": report.passed, "failures": report.failures()[:10], "summary": report.to_dict()["summary"],
-            "greedy": [{k: g[k] for k in ("new_tokens", "matching")} for g in report.greedy]}
+            "greedy": [{k: g[k] for k in ("new_tokens", "matching")} for g in report.greedy],
+            "agreement": report.agreement}
 
 
 def _validate(folder: ExportFolder, layout: str, source, greedy_tokens: int) -> dict:
@@ -79,18 +79,10 @@ def check_base_export(graph: Path, model, vocab_size: int) -> dict:
     return {"max_abs_logits": diff, "passed": diff <= 1e-3}
 
 
-def _graph_folder(workdir: Path, name: str, prefix_file: Path | None) -> ExportFolder:
-    """A fresh `workdir/name/` for a derived graph, with the export's prefix file beside it."""
-    path = workdir / name
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    if prefix_file is not None and prefix_file.is_file():
-        shutil.copy2(prefix_file, path / prefix_file.name)
-    return ExportFolder(path)
-
-
-def export_variants(source, export_dir: Path | None, workdir: Path, settings, bar) -> tuple[list[Variant], ExportFolder]:
-    """The fp32 export (made here, or the user's `export_dir`) and the base graph; both checked."""
+def export_variants(source, export_dir: Path | None, workdir: Path, settings,
+                    bar) -> tuple[list[Variant], ExportFolder, dict[str, Path]]:
+    """The fp32 export (made here, or the user's `export_dir`) and the base graph; both checked.
+    Also returns the folder of each ({"export": ..., "base": ...}), which compiled variants start from."""
     from ..api import export_prefix_model
 
     short = short_settings(settings.validate_tokens)
@@ -107,113 +99,93 @@ def export_variants(source, export_dir: Path | None, workdir: Path, settings, ba
         if source is not None:
             fp32.info["validation"] = _validate(folder, folder.layout, source, settings.validate_tokens)
     variants = [fp32]
+    folders = {"export": folder.path}
     bar("exported")
     if settings.base and source is not None:
         spec = source.base.spec
         if folder.layout == "cache":  # the user's cache-layout graph is the base graph already
             base_graph, build_s, cache_validation = folder.graph, fp32.build_s, fp32.info.get("validation")
+            folders["base"] = folder.path
         else:
             cache = export_prefix_model(source, None, workdir / "cache", force=True, progress=False, layout="cache",
                                         validation=short)
             base_graph, build_s = cache.graph, cache.report["timing_s"]["export"]
             cache_validation = summarize(cache.validation)
+            folders["base"] = cache.folder
         info = {"validation": check_base_export(base_graph, source.base.model, spec.vocab_size)}
         if settings.cache_layout:
             info["cache_layout_validation"] = cache_validation
         variants.append(Variant("base fp32", base_graph, "base", "fp32", build_s, info))
         bar("exported base")
-    return variants, folder
+    return variants, folder, folders
 
 
-def fused_variants(variants, workdir: Path, spec, source, export_layout: str, prefix_file: Path | None,
-                   settings, bar) -> list[Variant]:
-    from ..compile.passes import fuse
+def _compiled(plain_folder: Path, target: Path, options, source, what: str, bar) -> tuple[object, dict] | None:
+    """`compile_export` of a folder bench made (or was given): (result, info), or None when it failed."""
+    from ..api import compile_export
+    from ..errors import PrefixExportError
 
-    made = []
-    for plain in list(variants):
-        folder = _graph_folder(workdir, f"{plain.kind}-fused", prefix_file)
-        start = time.perf_counter()
-        try:
-            report = fuse(plain.graph, folder.graph, spec.num_attention_heads, spec.hidden_size)
-        except Exception as exc:  # noqa: BLE001 - a failed pass is reported, the plain graph stays
-            log.warning("fusion of %s failed: %s", plain.name, exc)
-            bar(f"fuse {plain.kind} FAILED")
-            continue
-        build = time.perf_counter() - start
-        info = {"fusion": report.to_dict(), "source": plain.name}
-        if source is not None:
-            if plain.kind == "export":
-                info["validation"] = _validate(folder, export_layout, source, settings.validate_tokens)
-            else:
-                info["validation"] = check_base_export(folder.graph, source.base.model, spec.vocab_size)
-                if settings.cache_layout and prefix_file is not None:
-                    info["cache_layout_validation"] = _validate(folder, "cache", source, settings.validate_tokens)
-        if info.get("validation") is not None and not info["validation"]["passed"]:
-            log.warning("fused %s failed validation; dropped", plain.name)
-        else:
-            made.append(Variant(f"{plain.kind} fp32+fused", folder.graph, plain.kind, "fp32+fused", build, info))
-        bar(f"fused {plain.kind}")
-    return made
+    start = time.perf_counter()
+    try:
+        result = compile_export(plain_folder, target, options, source=source, force=True, progress=False)
+    except PrefixExportError as exc:  # a graph that fails its checks is reported, and not measured
+        log.warning("compiling %s failed: %s", what, exc)
+        bar(f"{what} FAILED")
+        report = getattr(exc, "report", None)
+        return None, {"failed": f"{type(exc).__name__}: {str(exc)[:300]}",
+                      "validation": summarize(report) if report is not None else None}
+    info = {"compile": {k: v for k, v in result.report["compile"].items() if k != "conversion"},
+            "validation": summarize(result.validation), "build_s": round(time.perf_counter() - start, 2)}
+    bar(what)
+    return result, info
 
 
-def int8_variants(variants, workdir: Path, bar) -> list[Variant]:
-    """int8 from the fused graph when there is a valid one, else from the plain export."""
-    from ..compile.passes import agreement, quantize_int8
-    from ..runtime.decoder import OnnxDecoder
-    from ..runtime.sessions import create_session
+def compiled_variants(plain: list[Variant], folders: dict[str, Path], workdir: Path, settings, source,
+                      bar) -> tuple[list[Variant], list[dict]]:
+    """The shipped artifacts, made by the compile path (`prefix-export compile`): for the export and
+    the base (cache-layout) folder, the fused fp32 graph (`optimize`) and each reduced precision
+    (fused too when `optimize`), each validated as compile validates it. Returns them and the failures."""
+    from ..compile.pipeline import CompileOptions
+    from ..compile.quantize import QuantizationSettings
 
-    made = []
-    for kind in ("export", "base"):
-        candidates = [v for v in variants if v.kind == kind]
-        if not candidates:
-            continue
-        source = next((v for v in candidates if v.precision == "fp32+fused"), candidates[0])
-        target = workdir / f"{kind}-int8" / "model.onnx"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        info = quantize_int8(source.graph, target)
-        build = time.perf_counter() - start
-        reference = OnnxDecoder(create_session(source.graph, "cpu"))
-        candidate = OnnxDecoder(create_session(target, "cpu"))
-        rng = np.random.default_rng(7)
-        prompts = [rng.integers(0, reference.vocab_size, n, dtype=np.int64) for n in (8, 16, 32, 64)]
-        info["agreement_random_prompts"] = agreement(reference, candidate, prompts, greedy_tokens=16)
-        info["source"] = source.name
-        del reference, candidate
-        made.append(Variant(f"{kind} int8", target, kind, "int8", build + source.build_s, info))
-        bar(f"int8 {kind}")
-    return made
+    made, failed = [], []
+    on_gpu = any(p.lower() not in ("cpu", "cpuexecutionprovider") for p in settings.providers)
+    precisions = [p for p in settings.precisions if p != "fp32" and (p != "fp16" or on_gpu)]
+    jobs = ([("fp32+fused", CompileOptions(optimize=True))] if settings.optimize else []) + [
+        (precision, CompileOptions(optimize=settings.optimize, quantization=QuantizationSettings(precision=precision)))
+        for precision in precisions]
+    for variant in plain:
+        for label, options in jobs:
+            name = f"{variant.kind} {label}"
+            result, info = _compiled(folders[variant.kind], workdir / name.replace(" ", "-"), options, source,
+                                     f"compiled {name}", bar)
+            if result is None:
+                failed.append({"name": name, **info})
+                continue
+            if variant.kind == "base":  # compiled from the cache-layout folder: validated as that layout
+                info["cache_layout_validation"] = info["validation"]
+            made.append(Variant(name, result.graph, variant.kind, label, variant.build_s + info["build_s"], info))
+    return made, failed
 
 
-def embedded_agreement(folder: Path, workdir: Path, prompts_n: int = 48, greedy_n: int = 16) -> dict:
-    """int8 vs fp32 on the embedded default model's task (`folder`: base/, prefix/, test_split.jsonl).
+def embedded_agreement(folder: Path, workdir: Path, precisions: list[str], optimize: bool) -> dict:
+    """Each reduced precision on the embedded default model's task (`folder`: base/, prefix/,
+    test_split.jsonl): compiled like a user would, with the task file, so its report holds top-1
+    agreement, greedy equality and the held-out exact match against the fp32 graph's."""
+    from ..api import export_prefix_model, load_prefix_model
+    from ..compile.pipeline import CompileOptions
+    from ..compile.quantize import QuantizationSettings
 
-    Top-1 agreement teacher-forced over every position of `prompt + reference target` for the first
-    `prompts_n` held-out records, and greedy outputs from the prompt alone (stopping at eos) for the
-    first `greedy_n`, compared exactly and against the reference text.
-    """
-    from ..api import export_prefix_model
-    from ..compile.passes import agreement, quantize_int8
-    from ..runtime.decoder import OnnxDecoder
-    from ..runtime.sessions import create_session
-
-    exported = export_prefix_model(str(folder / "base"), str(folder / "prefix"), workdir / "embedded", force=True,
-                                   progress=False)
-    int8 = workdir / "embedded-int8.onnx"
-    quantize_int8(exported.graph, int8)
-    tokenizer = ExportFolder(exported.folder).load_tokenizer()
-    records = [json.loads(line) for line in (folder / "test_split.jsonl").read_text().splitlines() if line.strip()]
-    encode = lambda text: np.array(tokenizer(text)["input_ids"], dtype=np.int64)  # noqa: E731
-    reference = OnnxDecoder(create_session(exported.graph, "cpu"))
-    candidate = OnnxDecoder(create_session(int8, "cpu"))
-    result = agreement(reference, candidate, [encode(r["prompt"] + r["target"]) for r in records[:prompts_n]])
-    greedy = agreement(reference, candidate, [encode(r["prompt"]) for r in records[:greedy_n]], greedy_tokens=32,
-                       eos_token_id=tokenizer.eos_token_id)
-    texts = [(tokenizer.decode(g["reference"], skip_special_tokens=True),
-              tokenizer.decode(g["candidate"], skip_special_tokens=True)) for g in greedy["greedy"]]
-    result.update({"model": str(folder), "greedy_prompts": len(texts), "greedy_equal": greedy["greedy_equal"],
-                   "fp32_exact_match": sum(f == r["target"] for (f, _), r in zip(texts, records)),
-                   "int8_exact_match": sum(i == r["target"] for (_, i), r in zip(texts, records)),
-                   "examples": [{"prompt": r["prompt"], "fp32": f, "int8": i}
-                                for (f, i), r in list(zip(texts, records))[:3]]})
-    return result
+    source = load_prefix_model(str(folder / "base"), str(folder / "prefix"))
+    exported = export_prefix_model(source, None, workdir / "embedded", force=True, progress=False)
+    results = {"model": str(folder)}
+    for precision in precisions:
+        options = CompileOptions(optimize=optimize, quantization=QuantizationSettings(precision=precision),
+                                 task_file=str(folder / "test_split.jsonl"))
+        result, info = _compiled(exported.folder, workdir / f"embedded-{precision}", options, source,
+                                 f"embedded {precision}", lambda _: None)
+        agreement = (result.validation.agreement if result is not None else
+                     ((info.get("validation") or {}).get("agreement")))
+        results[precision] = {"passed": result is not None, "agreement": agreement, **(
+            {"failed": info["failed"]} if result is None else {})}
+    return results
