@@ -283,6 +283,9 @@ private:
             throw InputError(graph + " has no '" + kMetaPrefixLength + "' metadata; it was not written by "
                              "prefix-export. Expected an export folder (model.onnx, " + kPrefixFile + ", " +
                              kReportFile + ")");
+        if (prefix_length.find_first_not_of("0123456789") != std::string::npos || prefix_length.size() > 9)
+            throw InputError(graph + ": metadata " + kMetaPrefixLength + " is '" + prefix_length +
+                             "'; expected a non-negative integer");
         num_virtual_tokens_ = std::stoll(prefix_length);
         layout_ = metadata(model, kMetaLayout);
         if (layout_.empty()) layout_ = "folded";
@@ -387,6 +390,7 @@ struct Arguments {
     std::vector<int64_t> token_ids;
     int max_new_tokens = 32;
     RunOptions run;
+    bool help = false;
 };
 
 const char* kUsage =
@@ -429,7 +433,7 @@ Arguments parse_arguments(int argc, char** argv) {
         else if (arg == "--device") args.run.device = value();
         else if (arg == "--precision") { args.run.precision = value(); precision_type(args.run.precision); }
         else if (arg == "--threads") args.run.threads = parse_positive(arg, value());
-        else if (arg == "-h" || arg == "--help") { std::cout << kUsage << "\n"; std::exit(0); }
+        else if (arg == "-h" || arg == "--help") { args.help = true; return args; }
         else if (arg.rfind("-", 0) == 0) throw UsageError("unknown option " + arg);
         else if (!have_folder) { args.folder = arg; have_folder = true; }
         else throw UsageError("unexpected argument " + arg);
@@ -461,6 +465,10 @@ void check_prompt(const Arguments& args, const ExportFolder& folder, const OpenV
 int main(int argc, char** argv) {
     try {
         const Arguments args = parse_arguments(argc, argv);
+        if (args.help) {
+            std::cout << kUsage << "\n";
+            return 0;
+        }
         const ExportFolder folder(args.folder);
         OpenVinoDecoder decoder(folder, args.run);
         check_prompt(args, folder, decoder);
