@@ -86,6 +86,27 @@ def test_cpp_host_stops_after_the_end_token(cases, prefix_generate, tmp_path):
     assert [int(t) for t in run.stdout.split()] == case.expected[:2]
 
 
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_half_precision_prefix_files_are_read(cases, prefix_generate, tmp_path, dtype):
+    """The safetensors reader widens F16 and BF16: a prefix rounded to that type gives the same tokens
+    stored in it as stored in F32 (a misread value would change the varied greedy output)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    case = cases.get("gpt2", "cache")
+    rounded = load_file(str(case.folder / "prefix_kv.safetensors"))["prefix_kv"].to(
+        {"F16": torch.float16, "BF16": torch.bfloat16}[dtype])
+    lines = []
+    for label, tensor in (("f32", rounded.float()), ("half", rounded)):
+        folder = tmp_path / label
+        shutil.copytree(case.folder, folder)
+        save_file({"prefix_kv": tensor.contiguous()}, str(folder / "prefix_kv.safetensors"))
+        run = host(prefix_generate, folder, "--token-ids", ids(case.prompt), "--max-new-tokens", NEW_TOKENS)
+        assert run.returncode == 0, run.stderr
+        lines.append(run.stdout)
+    assert lines[0] == lines[1], f"{dtype} prefix: {lines[1]!r} != the same values in F32: {lines[0]!r}"
+
+
 # ---- bad input: exit 2 and a message ------------------------------------------------------------------
 
 
