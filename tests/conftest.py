@@ -77,6 +77,17 @@ def exports(tmp_path_factory, lively_model, adapters):
     return {"folded": root / "folded", "cache": root / "cache"}
 
 
+# ---- deploy targets: the embedded default and every registered decoder family, exported once ------
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory):
+    """test_deploy.Cases: export folders and our greedy tokens, shared by the deploy and C++ host tests."""
+    from test_deploy import Cases
+
+    return Cases(tmp_path_factory.mktemp("deploy"))
+
+
 # ---- bad input: an empty output parent that must stay empty; files that cannot be opened ----------
 
 

@@ -26,6 +26,7 @@ import torch
 from prefix_export.source import architectures
 from prefix_export.api import export_prefix_model
 from prefix_export.deploy.genai import GENAI_CONFIG_FILE, context_length
+from prefix_export.folder import read_prefix_file
 from prefix_export.runtime.decoder import OnnxDecoder
 from prefix_export.runtime.loop import greedy_generate
 from prefix_export.runtime.sessions import create_session
@@ -84,6 +85,8 @@ class Case:
     expected: list[int]  # our greedy tokens, ending at the first end token when one is generated
     eos_token_id: int | list[int] | None
     text: str | None  # `expected` decoded by the folder's tokenizer with transformers (None: no tokenizer)
+    model: Path  # the model and prefix exported, to export them again in another layout
+    prefix: Path
 
 
 def _tiny_varied_case(model_type: str, model_dir: Path, prefix_dir: Path) -> None:
@@ -152,14 +155,15 @@ def _eos(folder: Path):
     return None
 
 
-def _build_case(name: str, model_dir: Path, prefix: Path, out: Path, prompt: list[int]) -> Case:
+def _build_case(name: str, model_dir: Path, prefix: Path, out: Path, prompt: list[int],
+                layout: str = "folded") -> Case:
     # atol 1e-3: the tiny weights are drawn large (see _tiny_varied_case), so logits reach ~10-100 and
     # float32 rounding alone exceeds the default 1e-4; the tokens compared below are exact.
-    result = export_prefix_model(str(model_dir), prefix, out, progress=False,
+    result = export_prefix_model(str(model_dir), prefix, out, progress=False, layout=layout,
                                  tolerances=None if name == "default" else Tolerances(atol=1e-3))
     assert result.validation.passed, result.validation.table()
     eos = _eos(out)
-    decoder = OnnxDecoder(create_session(result.graph))
+    decoder = OnnxDecoder(create_session(result.graph), read_prefix_file(out) if layout == "cache" else None)
     first_eos = eos[0] if isinstance(eos, list) else eos  # greedy_generate takes one id
     new = greedy_generate(decoder, np.array([prompt]), np.ones((1, len(prompt)), np.int64), NEW_TOKENS,
                           first_eos)[0].tolist()
@@ -169,7 +173,7 @@ def _build_case(name: str, model_dir: Path, prefix: Path, out: Path, prompt: lis
         from transformers import AutoTokenizer
 
         text = AutoTokenizer.from_pretrained(str(out)).decode(expected, skip_special_tokens=True)
-    return Case(name, out, prompt, expected, eos, text)
+    return Case(name, out, prompt, expected, eos, text, Path(model_dir), Path(prefix))
 
 
 def _until_eos(tokens: list[int], eos) -> list[int]:
@@ -181,19 +185,23 @@ def _until_eos(tokens: list[int], eos) -> list[int]:
 
 
 class Cases:
-    """Export folders made on first use and kept for the session."""
+    """Export folders made on first use and kept for the session (the `cases` fixture, conftest.py).
+    Folded by default; `layout="cache"` exports the folded case's model and prefix again."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.cases: dict[str, Case] = {}
+        self.cases: dict[tuple[str, str], Case] = {}
 
-    def get(self, name: str) -> Case:
-        if name not in self.cases:
-            self.cases[name] = self._make(name)
-        return self.cases[name]
+    def get(self, name: str, layout: str = "folded") -> Case:
+        if (name, layout) not in self.cases:
+            self.cases[name, layout] = self._make(name, layout)
+        return self.cases[name, layout]
 
-    def _make(self, name: str) -> Case:
+    def _make(self, name: str, layout: str) -> Case:
         folder = self.root / name
+        if layout != "folded":
+            case = self.get(name)
+            return _build_case(name, case.model, case.prefix, folder / layout, case.prompt, layout)
         if name == "default":
             require((DEFAULT_MODEL / "base").is_dir() and (DEFAULT_MODEL / "prefix").is_dir(),
                     f"the embedded default model is not in {DEFAULT_MODEL} yet")
@@ -205,11 +213,6 @@ class Cases:
         _tiny_varied_case(name, folder / "model", folder / "prefix")
         _save_tiny_tokenizer(folder / "model")
         return _build_case(name, folder / "model", folder / "prefix", folder / "out", PROMPT)
-
-
-@pytest.fixture(scope="session")
-def cases(tmp_path_factory) -> Cases:
-    return Cases(tmp_path_factory.mktemp("deploy"))
 
 
 CASE_NAMES = ["default", *FAMILIES]
