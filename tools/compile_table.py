@@ -71,6 +71,8 @@ def main() -> int:
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
+    parser.add_argument("--retime", metavar="JSON", help="skip compiling: time the graphs of an earlier --json "
+                                                         "again (for a quiet machine), keeping its agreement figures")
     args = parser.parse_args()
     import logging
     import warnings
@@ -83,9 +85,13 @@ def main() -> int:
     from prefix_export.folder import ExportFolder
 
     given = ExportFolder.open(args.export_dir)
-    source = _source_from_report(given, given.read_report(), None, None, None)
     work = Path(args.work)
     rows = []
+    if args.retime:
+        rows = [{k: v for k, v in row.items() if k not in ("decode_rounds_ms", "decode_ms", "x_floor")}
+                for row in json.loads(Path(args.retime).read_text())["rows"]]
+        args.variants = []
+    source = _source_from_report(given, given.read_report(), None, None, None) if args.variants else None
     for text in args.variants:
         options = parse_variant(text)
         started = time.perf_counter()

@@ -68,6 +68,7 @@ class FusionReport:
     not_fusable: dict[str, str]  # kind -> the registry's reason
     weight_bytes_before: int
     weight_bytes_after: int
+    prefix_copies_merged: int = 0  # folded layout: keys/values whose prefix+past+new concat is one copy
 
     @property
     def missing(self) -> list[str]:
@@ -88,7 +89,8 @@ class FusionReport:
         return {"nodes_before": self.nodes_before, "nodes_after": self.nodes_after, "fused_ops": self.fused,
                 "expected": {k: {"matched": g, "expected": w} for k, (g, w) in self.expected.items()},
                 "not_fusable": self.not_fusable, "missing": self.missing,
-                "weight_bytes_before": self.weight_bytes_before, "weight_bytes_after": self.weight_bytes_after}
+                "weight_bytes_before": self.weight_bytes_before, "weight_bytes_after": self.weight_bytes_after,
+                "prefix_copies_merged": self.prefix_copies_merged}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionReport":
@@ -150,6 +152,10 @@ def _rotary_cache_rules(max_positions: int):
     from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
     class BroadcastFreqsCosSinCache(CosSinCacheFusion):
+        def __init__(self, name: str, max_pos_id: int, **kwargs):
+            super().__init__(name, **kwargs)
+            self.max_pos_id = max_pos_id  # constant (max_positions, E) tables, not per-step Cos/Sin
+
         def pattern(self, op, x, inv_freq, position_ids, interleaved, num_heads, freqs, dtype, extra_dims):
             positions = op.Cast(op.Unsqueeze(position_ids, extra_dims), to=ir.DataType.FLOAT)  # (B, S, 1)
             freqs = op.Mul(positions, inv_freq)  # (B, S, E)
@@ -168,11 +174,9 @@ def _rotary_cache_rules(max_positions: int):
                 return result.fail("inv_freq is not a 1D constant.", inv_freq)
             return result
 
-    rules = [BroadcastFreqsCosSinCache.rule("CosSinCache_broadcast_cast", cast=True),
-             BroadcastFreqsCosSinCache.rule("CosSinCache_broadcast", cast=False)]
-    for rule in rules:
-        rule.max_pos_id = max_positions - 1
-    return pattern.RewriteRuleSet(rules)
+    return pattern.RewriteRuleSet([
+        BroadcastFreqsCosSinCache.rule("CosSinCache_broadcast_cast", max_positions - 1, cast=True),
+        BroadcastFreqsCosSinCache.rule("CosSinCache_broadcast", max_positions - 1, cast=False)])
 
 
 def _onnxscript_fusions(model, max_positions: int) -> tuple[object, dict[str, int]]:
@@ -241,6 +245,53 @@ def _topological_sort(model) -> None:
     model.graph.node.extend(ordered)
 
 
+def merge_prefix_copies(model) -> int:
+    """The folded layout's cache copies, cut from three per layer and step to two; returns the layers done.
+
+    The folded graph builds each layer's keys (and values) as Concat(Concat(prefix, past), new): the
+    prefix (B, H_kv, P, D) and the past (B, H_kv, T, D) are copied once, then all of it again with the
+    new (B, H_kv, S, D); the present is a Slice of that [P:], a third copy. Rewritten: one Concat(prefix,
+    past, new) for attention, and the present as Concat(past, new), which is all it ever was. The graph's
+    inputs and outputs do not change; the compiled graph is validated after.
+    """
+    from onnx import helper
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    pasts = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    presents = {o.name for o in model.graph.output}
+    # Concat axes of the rank-4 cache tensors, -2 and 2 alike
+    axis_of = {n.name: next((a.i % 4 for a in n.attribute if a.name == "axis"), None) for n in model.graph.node
+               if n.op_type == "Concat"}
+    merged, dead = 0, set()
+    for outer in list(model.graph.node):
+        if outer.op_type != "Concat" or len(outer.input) != 2:
+            continue
+        inner = producers.get(outer.input[0])
+        if inner is None or inner.op_type != "Concat" or len(inner.input) != 2 or inner.input[1] not in pasts \
+                or axis_of[inner.name] != axis_of[outer.name] or len(consumers.get(inner.output[0], [])) != 1:
+            continue
+        prefix, past, new = inner.input[0], inner.input[1], outer.input[1]
+        slices = [n for n in consumers.get(outer.output[0], []) if n.op_type == "Slice" and n.output[0] in presents]
+        if len(slices) != 1:
+            continue
+        axis = axis_of[outer.name]
+        del outer.input[:]
+        outer.input.extend([prefix, past, new])
+        present = slices[0]
+        present.CopyFrom(helper.make_node("Concat", [past, new], list(present.output), name=present.name + "_user",
+                                          axis=axis))
+        dead.add(id(inner))
+        merged += 1
+    kept = [n for n in model.graph.node if id(n) not in dead]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return merged
+
+
 def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict: bool = True) -> FusionReport:
     """Fuse `source` into `target` for ONNX Runtime (CPU and CUDA kernels alike).
 
@@ -269,6 +320,9 @@ def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict:
         model = optimize_model(model, model_type="bert", num_heads=spec.num_attention_heads,
                                hidden_size=spec.hidden_size, opt_level=0, optimization_options=options,
                                use_gpu=False).model
+    merged = merge_prefix_copies(model)
+    log.info("fuse: prefix + past + new concatenated once in %d of %d layers' keys and values", merged,
+             2 * spec.num_layers)
     copy_metadata(original, model)
     keep_io(original, model, "the fusion passes")
     check_prefix_kept(original, model, "the fusion passes")
@@ -276,7 +330,7 @@ def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict:
     expected, reasons = count_fusions(model, spec)
     report = FusionReport(len(original.graph.node), len(model.graph.node),
                           {op: after[op] for op in FUSED_OP_TYPES if after[op]}, expected, reasons,
-                          initializer_bytes(original), initializer_bytes(model))
+                          initializer_bytes(original), initializer_bytes(model), merged)
     for line in report.lines():
         log.info("fuse: %s", line)
     if strict and not report.passed:

@@ -67,6 +67,12 @@ class ValidationSettings:
 # fp32's own error against float64, so 4 leaves a margin of 2.3 over the worst output seen.
 NOISE_FACTOR = 4.0
 NOISE_FLOOR = 1e-6
+# PyTorch's own error against float64 above this share of the output's magnitude is not rounding: the
+# float64 run computed something else there (a row alone vs a left-padded batch under a sliding window:
+# the window counts the pad slots; seen on mistral and gpt_neo, where it reached 0.63 on logits of
+# about 1). A limit of 4x that would pass real bugs, so such an output is judged against the model-dtype
+# reference with the fixed tolerance instead. float16's own error is about 1e-3 of the magnitude.
+IMPLAUSIBLE_NOISE = 1e-2
 
 
 @dataclasses.dataclass
@@ -180,9 +186,15 @@ def compare(check: str, output: str, actual: np.ndarray, reference: np.ndarray, 
     if reference64 is not None and tolerances is not None and tolerances.absolute_for(output) is None:
         noise_diff, _ = _differences(reference, reference64, where)
         noise = float(noise_diff.max())
-        atol = tolerances.noise_factor * noise + tolerances.floor
-        diff, rel = _differences(actual, reference64, where)
-        finite = bool(np.isfinite(diff).all())
+        selected = reference64 if where is None else np.where(np.broadcast_to(where, reference64.shape), reference64, 0)
+        scale = float(np.nanmax(np.abs(selected)))
+        if noise > IMPLAUSIBLE_NOISE * scale + tolerances.floor:
+            noise = None  # not rounding (see IMPLAUSIBLE_NOISE): the fixed tolerance against the reference
+            atol = tolerances.fallback_atol
+        else:
+            atol = tolerances.noise_factor * noise + tolerances.floor
+            diff, rel = _differences(actual, reference64, where)
+            finite = bool(np.isfinite(diff).all())
     max_abs = float(np.nanmax(diff)) if finite else float("inf")
     return Comparison(check, output, max_abs, float(np.nanmean(diff)), float(np.nanmedian(diff)),
                       float(np.nanmax(rel)) if finite else float("inf"), atol, finite and max_abs <= atol,
