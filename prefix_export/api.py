@@ -231,7 +231,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                         progress: bool = True, command_line: list[str] | None = None, layout: str = "folded",
                         triton: bool | str = False, validation: ValidationSettings | None = None,
                         greedy_tokens: int | None = None, swappable_prefix: bool = False,
-                        compile_options=None) -> ExportResult:
+                        compile_options=None, ort_format: bool = False) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     `model` may be a `PrefixModel` already loaded by `load_prefix_model` (then `prefix` is ignored).
@@ -247,6 +247,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     the greedy check's length); `tolerances` default to the noise-relative rule (validate/report.py).
     `compile_options` (compile/pipeline.CompileOptions: `--optimize`, `--precision`): the folder then
     holds the compiled graph, made from the validated plain export and checked itself (compile_export).
+    `ort_format` also writes the graph in ORT format for mobile builds (deploy/ort_format.py).
     """
     from .deploy.triton import check_name
 
@@ -265,7 +266,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                                 swappable_prefix=swappable_prefix)
             return compile_export(scratch, out, compile_options, source=source, force=force,
                                   keep_invalid=keep_invalid, tolerances=tolerances, progress=progress,
-                                  command_line=command_line)
+                                  command_line=command_line, ort_format=ort_format)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -287,6 +288,9 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
         source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
         spec = source.base.spec
         kind = kind_for(spec, layout, swappable_prefix)
+        if ort_format and spec.is_seq2seq:
+            raise UnsupportedError(f"--format ort writes one decoder graph; {spec.model_type} exports an "
+                                   "encoder-decoder pair, which is not converted (use the ONNX graphs).")
         if triton and spec.is_seq2seq:
             raise UnsupportedError(f"--triton writes an entry for one decoder graph; {spec.model_type} exports "
                                    "an encoder and a decoder graph, which need a Triton ensemble (not written yet).")
@@ -323,6 +327,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                     steps("validated")
                 else:
                     report["validation"] = {"passed": None, "skipped": "--no-validate"}
+                if ort_format and (result is None or result.passed):
+                    report["ort_format"] = _write_ort_format(folder)
                 report["timing_s"]["total"] = round(time.perf_counter() - started, 3)
                 report["peak_memory_mb"] = round(peak_memory_mb(), 1)
                 folder.write_report(report)
@@ -338,6 +344,15 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     finally:
         steps.close()
     return ExportResult(destination, destination / folder.graph_name, report, result)
+
+
+def _write_ort_format(folder: ExportFolder) -> dict:
+    from .deploy.ort_format import write_ort_format
+
+    info = write_ort_format(folder)
+    log.info("ORT format: %s (%.1f MB; model.onnx %.1f MB), %d operator kinds for a reduced build", info["graph"],
+             info["ort_bytes"] / 1e6, info["onnx_bytes"] / 1e6, info["config_operators"])
+    return info
 
 
 def _keep_invalid(tmp: Path, destination: Path) -> None:
@@ -399,7 +414,7 @@ def compile_export(folder: str | Path, out: str | Path, options, *, model: str |
                    prefix: str | Path | None = None, prefix_config: str | Path | None = None,
                    source: PrefixModel | None = None, force: bool = False, keep_invalid: bool = False,
                    tolerances: Tolerances | None = None, progress: bool = True,
-                   command_line: list[str] | None = None) -> ExportResult:
+                   command_line: list[str] | None = None, ort_format: bool = False) -> ExportResult:
     """Compile an export folder into a new folder `out` (compile/pipeline.py): fused and/or at a
     reduced precision, validated (against PEFT, or by agreement), published atomically.
 
@@ -460,6 +475,8 @@ def compile_export(folder: str | Path, out: str | Path, options, *, model: str |
             new_report["timing_s"] = {**report.get("timing_s", {}), "compile": new_report["compile"]["seconds"],
                                       "compile_total": round(time.perf_counter() - started, 3)}
             new_report["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            if ort_format and result.passed:
+                new_report["ort_format"] = _write_ort_format(target)
             target.write_report(new_report)
             steps("validated")
             if not result.passed:

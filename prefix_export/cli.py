@@ -192,6 +192,11 @@ def _print_export_summary(result) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    ort = report.get("ort_format")
+    if ort:
+        print(f"{'ort format':<{width}}  {ort['graph']} {ort['ort_bytes'] / 1e6:.1f} MB (model.onnx "
+              f"{ort['onnx_bytes'] / 1e6:.1f} MB), {ort['config']}: {ort['config_operators']} operators; same "
+              f"tokens as model.onnx")
     compiled = report.get("compile")
     if compiled:
         fusion = compiled.get("fusion")
@@ -224,7 +229,7 @@ def cmd_export(args) -> int:
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
         progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton,
         greedy_tokens=args.greedy_tokens, swappable_prefix=args.swappable_prefix,
-        compile_options=compile_options(args))
+        compile_options=compile_options(args), ort_format=args.graph_format == "ort")
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -237,7 +242,8 @@ def cmd_compile(args) -> int:
 
     result = compile_export(args.out_dir, args.out, compile_options(args), model=args.model, prefix=args.prefix,
                             prefix_config=args.prefix_config, force=args.force, keep_invalid=args.keep_invalid,
-                            progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv])
+                            progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv],
+                            ort_format=args.graph_format == "ort")
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:

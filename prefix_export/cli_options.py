@@ -85,12 +85,22 @@ def add_compile_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-8bit", metavar="PATTERNS",
                        help="int4: module paths kept at 8 bits, comma-separated fnmatch patterns "
                             "(e.g. '*down_proj,*lm_head')")
+    group.add_argument("--keep-fp32", metavar="PATTERNS",
+                       help="int8/int4: module paths not quantized, comma-separated fnmatch patterns "
+                            "(e.g. '*layers.0.*,*layers.1.*': the early layers of models with massive activations)")
     group.add_argument("--no-quantize-lm-head", action="store_true", help="int8/int4: keep the lm_head in fp32")
     group.add_argument("--min-top1", type=float, help="least top-1 agreement (default by precision)")
     group.add_argument("--min-greedy", type=float, help="least share of equal greedy continuations (default by "
                                                         "precision)")
+    group.add_argument("--format", choices=["onnx", "ort"], default="onnx", dest="graph_format",
+                       help="ort: also write model.ort and required_operators_and_types.config (ORT format, for "
+                            "mobile and reduced-size ONNX Runtime builds), checked to give model.onnx's tokens")
     group.add_argument("--task-file", help="prompt/target JSON lines: greedy exact match must stay within 0.05 of "
                                            "the fp32 graph's")
+
+
+def _patterns(text: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
 def compile_options(args):
@@ -102,7 +112,7 @@ def compile_options(args):
         precision=args.precision, method=args.int8_method, block_size=args.block_size,
         accuracy_level=args.accuracy_level, algorithm=args.int4_algorithm,
         quantize_lm_head=not args.no_quantize_lm_head,
-        keep_8bit=tuple(p.strip() for p in (args.keep_8bit or "").split(",") if p.strip()))
+        keep_8bit=_patterns(args.keep_8bit), keep_fp32=_patterns(args.keep_fp32))
     thresholds = None
     if args.min_top1 is not None or args.min_greedy is not None:
         default = DEFAULT_THRESHOLDS.get(args.precision, Thresholds(1.0, 1.0))

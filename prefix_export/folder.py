@@ -117,6 +117,11 @@ def read_initializers(path: Path, names: list[str]) -> dict:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The graph's metadata_props (layout, P, versions), without loading its weights."""
+    if Path(path).suffix == ".ort":  # ORT format (flatbuffers): ONNX Runtime reads it
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return dict(session.get_modelmeta().custom_metadata_map)
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -143,7 +148,7 @@ class ExportFolder:
     def open(cls, folder_or_graph: str | Path) -> "ExportFolder":
         """An existing export folder (or one of its graphs); a clear error when it is not one."""
         path = Path(folder_or_graph)
-        if path.is_file() and path.suffix == ".onnx":
+        if path.is_file() and path.suffix in (".onnx", ".ort"):  # a graph of the folder (ORT format too)
             folder = cls(path.parent, path.name)
         elif not path.is_dir():
             raise RuntimeSetupError(f"{path} does not exist; expected an export folder written by prefix-export.")
