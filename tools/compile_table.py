@@ -8,7 +8,8 @@ the fp32 graph), then every variant's decode step is timed in turn on the same p
         fp32+opt int8+opt int4+opt "int4+opt:keep=*down_proj" "int4:lm_head=0,acc=0" [--json rows.json]
 
 A variant is PRECISION[+opt][:key=value,...] with keys block, acc (accuracy level), lm_head (0/1),
-algo (rtn/hqq), keep (fnmatch patterns kept at 8 bits, '|'-separated), method (int8: nbits/dynamic).
+algo (rtn/hqq), keep (fnmatch patterns kept at 8 bits, '|'-separated), fp32 (patterns not quantized),
+sym (0/1), method (int8: nbits/dynamic).
 """
 from __future__ import annotations
 
@@ -33,9 +34,15 @@ def parse_variant(text: str):
         precision=precision, method=values.get("method", "nbits"), block_size=int(values.get("block", 32)),
         accuracy_level=int(values.get("acc", 4)), algorithm=values.get("algo", "rtn"),
         quantize_lm_head=values.get("lm_head", "1") == "1",
-        keep_8bit=tuple(p for p in values.get("keep", "").split("|") if p))
-    return CompileOptions(optimize=opt == "opt", quantization=settings, prompts=int(values.get("prompts", 16)),
-                          greedy_prompts=int(values.get("greedy", 16)), greedy_tokens=32,
+        keep_8bit=tuple(p for p in values.get("keep", "").split("|") if p),
+        keep_fp32=tuple(p for p in values.get("fp32", "").split("|") if p),
+        symmetric=values.get("sym", "1") == "1")
+    from prefix_export.compile.agreement import Thresholds
+
+    # Thresholds 0: every variant is kept and timed; the table shows its agreement beside its speed.
+    return CompileOptions(optimize=opt == "opt", quantization=settings, thresholds=Thresholds(0.0, 0.0),
+                          prompts=int(values.get("prompts", 16)),
+                          greedy_prompts=int(values.get("greedy", 8)), greedy_tokens=32,
                           task_file=values.get("task"))
 
 

@@ -154,7 +154,7 @@ def options_from_report(compile_info: dict) -> CompileOptions:
         block_size=quantization.get("block_size", 32), accuracy_level=quantization.get("accuracy_level", 4),
         symmetric=quantization.get("symmetric", True), algorithm=quantization.get("algorithm", "rtn"),
         quantize_lm_head=quantization.get("quantize_lm_head", True),
-        keep_8bit=tuple(quantization.get("keep_8bit", ())))
+        keep_8bit=tuple(quantization.get("keep_8bit", ())), keep_fp32=tuple(quantization.get("keep_fp32", ())))
     thresholds = compile_info.get("thresholds")
     return CompileOptions(optimize=compile_info.get("optimize", False), quantization=settings,
                           thresholds=Thresholds(**thresholds) if thresholds else None,

@@ -43,6 +43,7 @@ class QuantizationSettings:
     algorithm: str = "rtn"  # int4: "rtn" (round to nearest) or "hqq" (half-quadratic, no calibration data)
     quantize_lm_head: bool = True
     keep_8bit: tuple[str, ...] = ()  # int4: module-path patterns (fnmatch) kept at 8 bits, e.g. "*down_proj"
+    keep_fp32: tuple[str, ...] = ()  # int8/int4: module-path patterns not quantized, e.g. "*layers.0.*"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -62,10 +63,10 @@ class QuantizationSettings:
             return {"precision": self.precision}
         if self.precision == "int8" and self.method == "dynamic":
             return {"precision": "int8", "method": "dynamic", "per_channel": True,
-                    "quantize_lm_head": self.quantize_lm_head}
+                    "quantize_lm_head": self.quantize_lm_head, "keep_fp32": list(self.keep_fp32)}
         data = {"precision": self.precision, "method": "nbits", "bits": 8 if self.precision == "int8" else 4,
                 "block_size": self.block_size, "accuracy_level": self.accuracy_level, "symmetric": self.symmetric,
-                "quantize_lm_head": self.quantize_lm_head}
+                "quantize_lm_head": self.quantize_lm_head, "keep_fp32": list(self.keep_fp32)}
         if self.precision == "int4":
             data.update(algorithm=self.algorithm, keep_8bit=list(self.keep_8bit))
         return data
@@ -83,6 +84,19 @@ def module_path(node) -> str:
                 return ""
             return scopes[-2] if len(scopes) >= 2 else ""
     return ""
+
+
+def _matching(matmuls: list, patterns: tuple[str, ...], flag: str) -> list[str]:
+    """Names of the MatMuls whose module path matches a pattern; a pattern matching none is an error
+    (a typo would otherwise quantize what the user meant to keep)."""
+    names = []
+    for pattern in patterns:
+        found = [n.name for n in matmuls if fnmatch.fnmatch(module_path(n), pattern)]
+        if not found:
+            paths = sorted({module_path(n) for n in matmuls} - {""})[:6]
+            raise InputError(f"{flag} {pattern!r} matches no MatMul; module paths look like {paths}.")
+        names += [name for name in found if name not in names]
+    return names
 
 
 def _weight_matmuls(model) -> list:
@@ -201,19 +215,14 @@ def reduce_precision(source: Path, target: Path, settings: QuantizationSettings)
         info["untied_lm_head"] = untie_lm_head(model)
         matmuls = _weight_matmuls(model)
         lm_head = lm_head_nodes(model)
-        exclude = [] if settings.quantize_lm_head else lm_head
-        info.update(weight_matmuls=len(matmuls), lm_head=lm_head)
+        exclude = ([] if settings.quantize_lm_head else lm_head) + _matching(matmuls, settings.keep_fp32, "--keep-fp32")
+        info.update(weight_matmuls=len(matmuls), lm_head=lm_head, kept_fp32=len(exclude))
         if settings.precision == "int8" and settings.method == "dynamic":
             model = _dynamic_int8(model, target, exclude)
         elif settings.precision == "int8":
             model = _nbits(model, 8, settings, exclude=exclude)
         else:
-            keep = [n.name for n in matmuls if n.name not in exclude
-                    and any(fnmatch.fnmatch(module_path(n), p) for p in settings.keep_8bit)]
-            if settings.keep_8bit and not keep:
-                paths = sorted({module_path(n) for n in matmuls} - {""})[:6]
-                raise InputError(f"--keep-8bit {','.join(settings.keep_8bit)} matches no MatMul; module paths "
-                                 f"look like {paths}.")
+            keep = [name for name in _matching(matmuls, settings.keep_8bit, "--keep-8bit") if name not in exclude]
             model = _nbits(model, 4, settings, exclude=exclude + keep)
             if keep:
                 model = _nbits(model, 8, settings, include=keep)

@@ -317,7 +317,8 @@ class ValidationReport:
                  f"tokens on {a['greedy_prompts']}; limits: top-1 >= {limits.get('top1')}, greedy equal >= "
                  f"{limits.get('greedy')}"]
         for label, row in a["against"].items():
-            lines.append(f"  vs {label:<11} top-1 {row['top1_agreement']:.3f}   greedy equal {row['greedy_equal']}/"
+            lines.append(f"  vs {label:<11} top-1 {row['top1_agreement']:.3f} (where it is >= 1 logit ahead: "
+                         f"{row.get('top1_agreement_decided', float('nan')):.3f})   greedy equal {row['greedy_equal']}/"
                          f"{a['greedy_prompts']}")
         task = a.get("task")
         if task:
