@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also measure the fused graph `compile --optimize` ships (reduced precisions then "
                             "fused too); the headline uses it if it is faster")
     bench.add_argument("--no-eager", action="store_true", help="skip the PEFT eager baseline")
+    bench.add_argument("--peers", action="store_true",
+                       help="also run onnxruntime-genai (folded) and OpenVINO's Python API (both layouts) on every "
+                            "export graph, as the runtimes a user would pick instead; their tokens are checked "
+                            "against ours")
     bench.add_argument("--no-base", action="store_true",
                        help="skip the base-model export (no prefix cost, and no cache layout)")
     bench.add_argument("--no-cache-layout", action="store_true",
@@ -360,7 +364,7 @@ def cmd_bench(args) -> int:
                              new_tokens=args.new_tokens, rounds=args.rounds, providers=tuple(args.provider or ["cpu"]),
                              precisions=tuple(dict.fromkeys(["fp32", *(args.precision or [])])),
                              optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
-                             cache_layout=not args.no_cache_layout,
+                             cache_layout=not args.no_cache_layout, peers=args.peers,
                              threads=args.threads, bandwidth_mb=args.bandwidth_mb,
                              agreement_model=Path(agreement) if agreement else None,
                              targets=load_targets(args.targets) if args.targets else None)

@@ -6,6 +6,7 @@ the eager baseline really applies the prefix (its greedy tokens equal the valida
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,7 +26,7 @@ def bench_run(tmp_path_factory, gpt2_dir, gpt2_adapter):
     out = tmp_path_factory.mktemp("bench")
     code = cli.main(["bench", "-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out),
                      "--batch-sizes", "1,2", "--contexts", "4,8", "--new-tokens", "4", "--optimize",
-                     "--precision", "int8", "--precision", "int4", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2",
+                     "--precision", "int8", "--precision", "int4", "--peers", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "2",
                      "--targets", str(TARGETS)])
     assert code == 0
     return out, json.loads((out / run.BENCH_JSON).read_text())
@@ -34,9 +35,14 @@ def bench_run(tmp_path_factory, gpt2_dir, gpt2_adapter):
 def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
     _, result = bench_run
     backends = {row["backend"] for row in result["rows"]}
-    assert backends == {"eager (PEFT, PyTorch)", "export fp32", "base fp32", "export fp32+fused", "base fp32+fused",
-                        "export int8", "base int8", "export int4", "base int4", "export[cache] fp32+fused",
-                        "export[cache] int8", "export[cache] int4"}
+    ours = {"eager (PEFT, PyTorch)", "export fp32", "base fp32", "export fp32+fused", "base fp32+fused",
+            "export int8", "base int8", "export int4", "base int4", "export[cache] fp32+fused",
+            "export[cache] int8", "export[cache] int4"}
+    # --peers: onnxruntime-genai and OpenVINO on every export graph (CI installs both: deploy, cpp extras)
+    peers = {f"{runtime} {precision}" for runtime in ("genai", "openvino")
+             for precision in ("fp32", "fp32+fused", "int8", "int4")
+             if importlib.util.find_spec({"genai": "onnxruntime_genai"}.get(runtime, runtime)) is not None}
+    assert backends == ours | peers, (backends ^ (ours | peers), result.get("peers_failed"))
     for name in backends:
         configs = sorted((r["batch"], r["context"]) for r in result["rows"] if r["backend"] == name)
         assert configs == [(1, 4), (1, 8), (2, 4), (2, 8)], name
@@ -48,6 +54,14 @@ def test_bench_writes_json_rows_for_every_backend_and_config(bench_run):
         assert row["peak_rss_mb"] > 0
     assert result["bandwidth"]["gb_per_s"] > 0
     assert result["machine"]["cpu_count"] >= 1 and "onnxruntime" in result["versions"]
+
+
+def test_bench_peers_give_our_runners_tokens(bench_run):
+    """genai and OpenVINO run the same graphs bench measures ours on, and pick the same greedy tokens."""
+    _, result = bench_run
+    matches = result["peers_match_export"] or {}
+    assert matches and all(v.startswith("4/4") for v in matches.values()), matches
+    assert not result.get("peers_failed"), result.get("peers_failed")
 
 
 def test_bench_floor_counts_weights_and_the_kv_cache(bench_run):

@@ -10,6 +10,7 @@
             graph with prefix_kv.safetensors as its first past, from OnnxDecoder.first_past).
   base      the cache-layout graph with no prefix at all: the base model, same contract; the
             difference to `export` is what the prefix costs.
+  genai, openvino   other runtimes on the same export folder (peers.py, `bench --peers`).
 
 `time_generation` times one prefill and `new_tokens` decode steps of the loop after a warm-up.
 """
@@ -26,7 +27,10 @@ import numpy as np
 from ..runtime.loop import GenerationConfig, decode
 
 EAGER_NAME = "eager (PEFT, PyTorch)"
-_KIND_LABELS = {("export", "folded"): "export", ("export", "cache"): "export[cache]", ("base", "-"): "base"}
+_KIND_LABELS = {("export", "folded"): "export", ("export", "cache"): "export[cache]", ("base", "-"): "base",
+                ("genai", "folded"): "genai", ("openvino", "folded"): "openvino",
+                ("openvino", "cache"): "openvino[cache]"}
+PEERS = ("genai", "openvino")  # other runtimes on the same export folder (peers.py)
 
 
 def backend_name(kind: str, layout: str, precision: str, provider: str) -> str:
@@ -43,7 +47,7 @@ class Backend:
     """One measured row group: eager PyTorch (graph None) or a graph on one provider, with or without a
     prefix fed as the first past (the cache layout)."""
 
-    kind: str  # "eager", "export" (ours, prefix applied) or "base" (no prefix)
+    kind: str  # "eager", "export" (ours, prefix applied), "base" (no prefix), or a peer: "genai", "openvino"
     layout: str  # "folded", "cache" or "-" (eager, base)
     precision: str  # "fp32", "fp32+fused", "int8", "int4", "fp16"
     provider: str  # ORT provider alias, or "torch:cpu" / "torch:cuda"
@@ -65,6 +69,14 @@ class Backend:
         """The live backend: an object with `stepper(input_ids, max_new_tokens)` and `close()`."""
         if self.graph is None:
             return EagerBackend(peft_model, threads, self.provider.split(":", 1)[1])
+        if self.kind == "genai":
+            from .peers import GenaiBackend
+
+            return GenaiBackend(self.graph.parent, threads)
+        if self.kind == "openvino":
+            from .peers import OpenVinoBackend
+
+            return OpenVinoBackend(self.graph, threads, self.prefix)
         return OrtBackend(self.graph, self.provider, threads, self.prefix)
 
 

@@ -99,6 +99,19 @@ def eager_matches(rows) -> dict | None:
     return out or None
 
 
+def peers_match(rows) -> dict | None:
+    """Greedy tokens of row 0 from each peer runtime vs our runner on the same graph and config."""
+    out = {}
+    for row in (r for r in rows if r["kind"] in ("genai", "openvino")):
+        config = (row["batch"], row["context"])
+        ours = _pick(rows, "export", row["layout"], row["precision"], "cpu", config)
+        if ours is not None:
+            a, b = row["tokens_row0"], ours["tokens_row0"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            out[f"{row['backend']} B={row['batch']} C={row['context']}"] = f"{same}/{len(a)} leading tokens equal"
+    return out or None
+
+
 def evaluate_targets(result: dict, limits: dict | None = None) -> dict:
     """The headline ratios on the CPU rows, per layout, each against its limit when `limits` has one;
     the top level is the faster layout ("ours"), `by_layout` holds both."""
@@ -223,6 +236,11 @@ def format_table(result: dict) -> str:
         d = result["optimize_decision"]
         for name, each in (d.get("by_backend") or {"export fp32": d}).items():
             lines.append(f"--optimize, {name}: fused graph {'KEPT' if each['kept'] else 'discarded'} ({each['why']})")
+    for failed in result.get("peers_failed", []):
+        lines.append(f"{failed['backend']}: cannot run {Path(failed['graph']).parent.name}: {failed['error']}")
+    if result.get("peers_match_export"):
+        lines.append("peer runtimes vs our runner, greedy tokens: " + "; ".join(
+            f"{k}: {v}" for k, v in result["peers_match_export"].items()))
     if result.get("eager_matches_export"):
         lines.append("eager vs export greedy tokens: " + "; ".join(f"{k}: {v}" for k, v in
                                                                    result["eager_matches_export"].items()))

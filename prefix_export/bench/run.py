@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend, time_generation
+from .backends import PEERS, Backend, time_generation
 from .probes import (PeakMemory, kv_bytes, load_average, machine_info, measure_bandwidth, measure_gpu_bandwidth,
                      weights_read_per_token)
-from .report import eager_matches, evaluate_targets, optimize_decision, write_plot
+from .report import eager_matches, evaluate_targets, optimize_decision, peers_match, write_plot
 from .variants import compiled_variants, embedded_agreement, export_variants
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class BenchSettings:
     eager: bool = True
     base: bool = True
     cache_layout: bool = True  # also run the base graph with the prefix as its first past (`--layout cache`)
+    peers: bool = False  # also run onnxruntime-genai and OpenVINO on every export graph (peers.py)
     threads: int | None = None  # ORT intra-op and torch threads; default: all cores
     bandwidth_mb: int = 1024
     bandwidth_passes: int = 5
@@ -123,7 +124,36 @@ def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file
                     and not superseded:
                 cache_runs.append(Backend("export", "cache", variant.precision, provider, variant.graph,
                                           variant.weights_read, P, variant.build_s, prefix))
-    return backends + cache_runs
+    return backends + cache_runs + (_peer_backends(variants, P, prefix, export_layout) if settings.peers else [])
+
+
+def _peer_backends(variants, P: int, prefix, export_layout: str) -> list[Backend]:
+    """genai (folded exports: it needs the folder's genai_config.json) and OpenVINO (both layouts) on
+    each export graph bench has: the plain fp32 one and every compiled one."""
+    import importlib.util
+
+    peers = []
+    for variant in variants:
+        if variant.kind != "export":
+            continue
+        if export_layout == "folded" and importlib.util.find_spec("onnxruntime_genai") is not None \
+                and (variant.graph.parent / "genai_config.json").is_file():
+            peers.append(Backend("genai", "folded", variant.precision, "cpu", variant.graph, variant.weights_read, P,
+                                 variant.build_s))
+        if importlib.util.find_spec("openvino") is not None:
+            peers.append(Backend("openvino", export_layout, variant.precision, "cpu", variant.graph,
+                                 variant.weights_read, P, variant.build_s,
+                                 prefix if export_layout == "cache" else None))
+    return peers
+
+
+def _short_error(exc: Exception) -> str:
+    """The line of a runtime's error that says what failed (OpenVINO's run to pages)."""
+    text = str(exc)
+    for marker in ("No conversion rule", "Failed operations detailed log:", "Unsupported"):
+        if marker in text:
+            return " ".join(text[text.index(marker):].split())[:300]
+    return " ".join(text.split())[:300]
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -262,11 +292,22 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         # Runtime's spinning worker threads make sessions run step-by-step in alternation about 2x slower.
         live, memory_mb, samples, session_s = {}, {}, {}, {}
         smallest = min(configs, key=lambda c: c[0] * c[1])
-        for b in backends:
+        for b in list(backends):
             gc.collect()
             with PeakMemory() as memory:
-                live[b.name] = b.open(peft_model, threads)
-                time_generation(live[b.name], prompts[smallest], settings.warmup_tokens, 0)
+                try:
+                    live[b.name] = b.open(peft_model, threads)
+                    time_generation(live[b.name], prompts[smallest], settings.warmup_tokens, 0)
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot run this graph is a finding
+                    if b.kind not in PEERS:
+                        raise
+                    backends.remove(b)
+                    live.pop(b.name, None)
+                    result.setdefault("peers_failed", []).append(
+                        {"backend": b.name, "graph": str(b.graph), "error": f"{type(exc).__name__}: "
+                                                                            f"{_short_error(exc)}"})
+                    bar(f"{b.name} cannot run it")
+                    continue
             session_s[b.name] = live[b.name].session_s
             memory_mb[b.name] = (memory.peak_mb, memory.peak_mb - memory.start_mb)
             bar(f"created {b.name}")
@@ -327,6 +368,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                                                               settings.optimize)
             bar("agreement on the embedded model")
         result["eager_matches_export"] = eager_matches(rows)
+        result["peers_match_export"] = peers_match(rows)
         result["targets"] = evaluate_targets(result, settings.targets)
         result["timeline_s"] = bar.timeline
         result["load_average_after"] = load_average()
