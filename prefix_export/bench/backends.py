@@ -115,7 +115,9 @@ class EagerBackend:
         self.session_s = 0.0
 
     def stepper(self, input_ids: np.ndarray, max_new_tokens: int):
-        return _EagerStepper(self.peft_model, self.device, input_ids)
+        from ..validate.reference import PeftCachedStepper
+
+        return PeftCachedStepper(self.peft_model, input_ids, self.device)
 
     def close(self) -> None:
         if self.device.type != "cpu":
@@ -124,40 +126,6 @@ class EagerBackend:
             self.peft_model = None
             gc.collect()
             torch.cuda.empty_cache()
-
-
-class _EagerStepper:
-    def __init__(self, peft_model, device, input_ids: np.ndarray):
-        self.peft_model, self.model = peft_model, peft_model.get_base_model()
-        self.P = peft_model.active_peft_config.num_virtual_tokens
-        self.device = device
-        self.first_tokens = input_ids
-        self.cache = None
-        self.total = 0
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        import torch
-
-        from ..source.architectures import cache_kwargs, output_cache
-
-        batch, seq = tokens.shape
-        device = self.device
-        with torch.inference_mode():
-            if self.cache is None:  # the prompt, through PEFT: P + seq positions in the returned cache
-                out = self.peft_model(input_ids=torch.from_numpy(tokens).to(device),
-                                      attention_mask=torch.ones(batch, seq, dtype=torch.int64, device=device),
-                                      position_ids=torch.arange(seq, device=device).expand(batch, -1),
-                                      use_cache=True, return_dict=True)
-            else:
-                out = self.model(input_ids=torch.from_numpy(tokens).to(device),
-                                 attention_mask=torch.ones(batch, self.P + self.total + seq, dtype=torch.int64,
-                                                           device=device),
-                                 position_ids=torch.full((batch, 1), self.P + self.total, dtype=torch.int64,
-                                                         device=device),
-                                 use_cache=True, return_dict=True, **cache_kwargs(self.model, self.cache))
-        self.cache = output_cache(out)
-        self.total += seq
-        return out.logits[:, -1:].float().cpu().numpy()  # .cpu() waits for the device
 
 
 def time_generation(backend, input_ids: np.ndarray, new_tokens: int, warmup_tokens: int) -> dict:

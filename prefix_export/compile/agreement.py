@@ -105,7 +105,8 @@ class GraphScorer:
 
 
 class PeftScorer:
-    """PEFT's own forward (float32, the whole sequence each step; never `generate()`)."""
+    """PEFT's own forward (float32): teacher-forced logits over the whole prompt, and greedy with PEFT's
+    KV cache (validate.reference.PeftCachedStepper; never `generate()`)."""
 
     label = "PEFT"
 
@@ -123,9 +124,9 @@ class PeftScorer:
 
     def greedy(self, ids: np.ndarray, steps: int, eos: int | None) -> np.ndarray:
         from ..runtime.loop import GenerationConfig, generate
-        from ..validate.reference import DecoderReferenceStepper
+        from ..validate.reference import PeftCachedStepper
 
-        return generate(DecoderReferenceStepper(self.peft_model, ids), GenerationConfig.greedy(steps, eos))[0]
+        return generate(PeftCachedStepper(self.peft_model, ids[None, :]), GenerationConfig.greedy(steps, eos))[0]
 
 
 def _greedy_row(reference: np.ndarray, got: np.ndarray, reference_logits: np.ndarray | None) -> dict:

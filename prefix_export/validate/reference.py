@@ -157,6 +157,43 @@ class DecoderReferenceStepper:
         return logits[:, -1:]
 
 
+class PeftCachedStepper:
+    """The decode loop's stepper on PEFT with a KV cache, as PEFT users run it: PEFT's forward on the
+    prompt (it prepends its prefix cache, P ones to the mask, shifts positions by P), then each step on
+    the *base* model with the cache that returned (which holds the P prefix positions), mask (B, P + T)
+    and positions P + T. Calling PEFT's forward again would overwrite the cache with a fresh prefix.
+    bench's eager baseline, and compile's agreement reference (a full recompute per step would cost
+    O(T^2) forwards); validation keeps the full recompute (DecoderReferenceStepper)."""
+
+    def __init__(self, peft_model, input_ids: np.ndarray, device="cpu"):
+        self.peft_model, self.model = peft_model, peft_model.get_base_model()
+        self.P = peft_model.active_peft_config.num_virtual_tokens
+        self.device = torch.device(device) if isinstance(device, str) else device
+        self.first_tokens = input_ids
+        self.cache = None
+        self.total = 0
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        batch, seq = tokens.shape
+        device = self.device
+        with torch.inference_mode():
+            if self.cache is None:  # the prompt, through PEFT: P + seq positions in the returned cache
+                out = self.peft_model(input_ids=torch.from_numpy(tokens).to(device),
+                                      attention_mask=torch.ones(batch, seq, dtype=torch.int64, device=device),
+                                      position_ids=torch.arange(seq, device=device).expand(batch, -1),
+                                      use_cache=True, return_dict=True)
+            else:
+                out = self.model(input_ids=torch.from_numpy(tokens).to(device),
+                                 attention_mask=torch.ones(batch, self.P + self.total + seq, dtype=torch.int64,
+                                                           device=device),
+                                 position_ids=torch.full((batch, 1), self.P + self.total, dtype=torch.int64,
+                                                         device=device),
+                                 use_cache=True, return_dict=True, **architectures.cache_kwargs(self.model, self.cache))
+        self.cache = architectures.output_cache(out)
+        self.total += seq
+        return out.logits[:, -1:].float().cpu().numpy()  # .cpu() waits for the device
+
+
 class Seq2SeqReferenceStepper:
     """Likewise for an encoder-decoder: the encoder and the whole decoder sequence rerun each step."""
 
