@@ -24,7 +24,7 @@ from .export.kinds import ExportKind, check_layout, kind_for
 from .folder import ExportFolder, hashes, resolve_output
 from .source.base_model import BaseModel, load_base_model
 from .source.checkpoint import PrefixCheckpoint, load_prefix_checkpoint
-from .source.prefix_kv import PrefixKV, build_peft_model, compute_prefix_kv
+from .source.prefix_kv import PrefixKV, build_peft_model, compute_prefix_kv, describe_conversion
 from .validate.report import DEFAULT_ATOL, Tolerances, ValidationReport, ValidationSettings
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,13 @@ class PrefixModel:
 
 
 def load_prefix_model(model: str | Path | BaseModel, prefix: str | Path | PrefixCheckpoint,
-                      prefix_config: str | Path | None = None, dtype: str | None = None) -> PrefixModel:
-    """Load and check the model and the prefix, build PEFT's model, and compute the prefix KV once."""
+                      prefix_config: str | Path | None = None, dtype: str | None = None,
+                      task_id: int | None = None) -> PrefixModel:
+    """Load and check the model and the prefix (prefix tuning, or prompt tuning / p-tuning / multitask
+    prompt tuning, task `task_id`), build PEFT's model, and compute the prefix KV once."""
     base = model if isinstance(model, BaseModel) else load_base_model(model, dtype=dtype)
-    checkpoint = prefix if isinstance(prefix, PrefixCheckpoint) else load_prefix_checkpoint(prefix, prefix_config)
+    checkpoint = prefix if isinstance(prefix, PrefixCheckpoint) else load_prefix_checkpoint(prefix, prefix_config,
+                                                                                             task_id)
     peft_model = build_peft_model(base, checkpoint)
     return PrefixModel(base, checkpoint, peft_model, compute_prefix_kv(peft_model, base.spec),
                        "<in-memory>" if isinstance(prefix, PrefixCheckpoint) else str(prefix),
@@ -155,7 +158,7 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
     base, prefix_kv = source.base, source.prefix_kv
     inputs = {"model": base.source, "prefix": source.prefix_source, "model_path": existing_path(base.source),
               "prefix_path": existing_path(source.prefix_source), "prefix_config": source.prefix_config,
-              "checkpoint_kind": source.checkpoint.kind,
+              "checkpoint_kind": source.checkpoint.kind, "task_id": source.checkpoint.task_id,
               "sha256": hashes(source.checkpoint.files + model_files(base))}
     return {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
             "created_unix": int(time.time()), "layout": kind.layout, "versions": library_versions(),
@@ -163,7 +166,7 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
             "inputs": inputs, "architecture": dataclasses.asdict(base.spec),
             "prefix": {"num_virtual_tokens": prefix_kv.num_virtual_tokens, "shape": list(prefix_kv.tensor.shape),
                        "shape_meaning": "(L, 2, H_kv, P, D)", "dtype": str(prefix_kv.tensor.dtype).replace("torch.", ""),
-                       "prefix_projection": bool(source.checkpoint.config.prefix_projection)},
+                       **describe_conversion(source.checkpoint)},
             "dtype": (base.dtype_choice.to_dict() if base.dtype_choice is not None else
                       {"checkpoint": None, "exported": str(prefix_kv.tensor.dtype).replace("torch.", ""),
                        "why": "as loaded (the checkpoint's dtype, or --dtype)"}),
@@ -173,6 +176,7 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
 def _graph_metadata(source: PrefixModel, kind: ExportKind, report: dict) -> dict[str, str]:
     metadata = {contract.META_PREFIX_LENGTH: str(source.prefix_kv.num_virtual_tokens), contract.META_LAYOUT: kind.layout,
                 contract.META_VERSION: __version__, "prefix_export.model_type": source.base.spec.model_type,
+                "prefix_export.method": source.checkpoint.method,
                 "prefix_export.source_sha256": json.dumps(report["inputs"]["sha256"], sort_keys=True),
                 "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
     if getattr(kind, "swappable", False):
@@ -231,10 +235,12 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                         progress: bool = True, command_line: list[str] | None = None, layout: str = "folded",
                         triton: bool | str = False, validation: ValidationSettings | None = None,
                         greedy_tokens: int | None = None, swappable_prefix: bool = False,
-                        compile_options=None) -> ExportResult:
+                        compile_options=None, task_id: int | None = None) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     `model` may be a `PrefixModel` already loaded by `load_prefix_model` (then `prefix` is ignored).
+    `prefix`: prefix tuning, or prompt tuning / p-tuning / multitask prompt tuning (then `task_id` chooses
+    the task), whose virtual tokens become the same static prefix KV (source/prefix_kv.py).
     Every input is checked before anything is written; the folder appears only once complete and
     (unless `run_validation=False`) validated. A failed validation raises ValidationError, with the
     export kept beside `out` as `out.invalid/` only when `keep_invalid` is set.
@@ -256,7 +262,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                              "--no-validate (or export without them).")
         destination, graph_name = resolve_output(out)
         output.check_destination(destination, force)
-        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
+        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype,
+                                                                                task_id)
         scratch = destination.parent / f".{destination.name}.plain"
         try:
             export_prefix_model(source, None, scratch / graph_name, force=True, tolerances=tolerances, opset=opset,
@@ -284,7 +291,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
         check_name(triton)
     steps = _Progress(5 if run_validation else 4, progress)
     try:
-        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
+        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype,
+                                                                                task_id)
         spec = source.base.spec
         kind = kind_for(spec, layout, swappable_prefix)
         if triton and spec.is_seq2seq:
@@ -392,7 +400,7 @@ def _source_from_report(folder: ExportFolder, report: dict, model: str | None, p
     if not model or not prefix or prefix == "<in-memory>":
         raise InputError(f"{folder.path}: the report does not say which model and prefix were exported; pass "
                          "--model and --prefix.")
-    return load_prefix_model(model, prefix, prefix_config)
+    return load_prefix_model(model, prefix, prefix_config, task_id=inputs.get("task_id"))
 
 
 def compile_export(folder: str | Path, out: str | Path, options, *, model: str | None = None,
