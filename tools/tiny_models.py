@@ -186,7 +186,9 @@ def make_virtual_tokens(model_dir: Path, out: Path, method: str = "prompt_tuning
     model = _model_class(model_config).from_pretrained(model_dir)
     common = dict(task_type=describe(model_config).task_type, num_virtual_tokens=num_virtual_tokens)
     if method == "prompt_tuning":
-        text = dict(prompt_tuning_init_text=TEXT_INIT, tokenizer_name_or_path=str(tokenizer_dir)) if init == "TEXT" else {}
+        text = {}
+        if init == "TEXT":  # PEFT tokenizes the text once, here; the adapter keeps only the embeddings
+            text = dict(prompt_tuning_init_text=TEXT_INIT, tokenizer_name_or_path=str(tokenizer_dir))
         config = PromptTuningConfig(prompt_tuning_init=init, **text, **common)
     elif method == "p_tuning":
         config = PromptEncoderConfig(encoder_reparameterization_type=encoder, encoder_hidden_size=24, **common)
