@@ -142,7 +142,7 @@ def _atomic_file(path: Path, force: bool):
 def make_adapter(export_dir: str | Path, prefix: str | Path, out: str | Path, *, model: str | Path | None = None,
                  prefix_config: str | Path | None = None, force: bool = False, run_validation: bool = True,
                  tolerances: Tolerances | None = None, greedy_tokens: int | None = None,
-                 command_line: list[str] | None = None) -> AdapterResult:
+                 command_line: list[str] | None = None, task_id: int | None = None) -> AdapterResult:
     """Write task `prefix`'s adapter file for the swappable export `export_dir` at `out`, validated
     against PEFT through ONNX Runtime's adapter API unless told not to. Nothing is written on failure."""
     started = time.perf_counter()
@@ -152,7 +152,7 @@ def make_adapter(export_dir: str | Path, prefix: str | Path, out: str | Path, *,
                          "and ONNX Runtime look for it).")
     _check_destination(out, force)  # before minutes of loading
     folder, report = _swappable_export(export_dir)
-    checkpoint = load_prefix_checkpoint(prefix, prefix_config)
+    checkpoint = load_prefix_checkpoint(prefix, prefix_config, task_id)
     _check_task_fits(checkpoint, report, folder.path)
     _check_trained_on(checkpoint, report, folder.path)
     model = model or existing_path(report["inputs"].get("model_path")) or report["inputs"].get("model")
@@ -172,7 +172,7 @@ def make_adapter(export_dir: str | Path, prefix: str | Path, out: str | Path, *,
                        "graph_sha256": sha256(folder.graph)},
             "inputs": {"model": source.base.source, "prefix": str(prefix), "prefix_path": existing_path(str(prefix)),
                        "prefix_config": str(prefix_config) if prefix_config else None,
-                       "checkpoint_kind": checkpoint.kind,
+                       "checkpoint_kind": checkpoint.kind, "method": checkpoint.method, "task_id": task_id,
                        "sha256": {**hashes(checkpoint.files), **model_hashes}},
             "adapter": {"file": out.name, "sha256": sha256(tmp), **info,
                         "prefix_shape": list(prefix_kv.shape), "shape_meaning": "(L, 2, H_kv, P, D)",
@@ -243,7 +243,7 @@ def validate_adapter(adapter_file: str | Path, export_dir: str | Path | None = N
         problems.append(f"hash: {folder.graph} changed since the adapter was made")
     inputs = recorded["inputs"]
     prefix = prefix or inputs.get("prefix_path") or inputs.get("prefix")
-    checkpoint = load_prefix_checkpoint(prefix, prefix_config or inputs.get("prefix_config"))
+    checkpoint = load_prefix_checkpoint(prefix, prefix_config or inputs.get("prefix_config"), inputs.get("task_id"))
     source = load_prefix_model(model or inputs["model"], checkpoint, dtype=export_report["prefix"]["dtype"])
     _check_same_model(source, export_report, folder.path)
     if tolerances is None:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -22,23 +21,13 @@ from .export import graph, output
 from .export.exporter import DEFAULT_OPSET, run_exporter
 from .export.kinds import ExportKind, check_layout, kind_for
 from .folder import ExportFolder, hashes, resolve_output
+from .stages import Progress, peak_memory_mb, return_freed_memory
 from .source.base_model import BaseModel, load_base_model
 from .source.checkpoint import PrefixCheckpoint, load_prefix_checkpoint
-from .source.prefix_kv import PrefixKV, build_peft_model, compute_prefix_kv
+from .source.prefix_kv import PrefixKV, build_peft_model, compute_prefix_kv, describe_conversion
 from .validate.report import DEFAULT_ATOL, Tolerances, ValidationReport, ValidationSettings
 
 log = logging.getLogger(__name__)
-
-
-def _return_freed_memory() -> None:
-    """Hand memory freed by Python and torch back to the OS (glibc keeps it otherwise, and the next
-    stage's peak would stack on top of it); a no-op where there is no glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclasses.dataclass
@@ -59,14 +48,17 @@ class PrefixModel:
         self.peft_model = None
         self.base.release()
         gc.collect()
-        _return_freed_memory()
+        return_freed_memory()
 
 
 def load_prefix_model(model: str | Path | BaseModel, prefix: str | Path | PrefixCheckpoint,
-                      prefix_config: str | Path | None = None, dtype: str | None = None) -> PrefixModel:
-    """Load and check the model and the prefix, build PEFT's model, and compute the prefix KV once."""
+                      prefix_config: str | Path | None = None, dtype: str | None = None,
+                      task_id: int | None = None) -> PrefixModel:
+    """Load and check the model and the prefix (prefix tuning, or prompt tuning / p-tuning / multitask
+    prompt tuning, task `task_id`), build PEFT's model, and compute the prefix KV once."""
     base = model if isinstance(model, BaseModel) else load_base_model(model, dtype=dtype)
-    checkpoint = prefix if isinstance(prefix, PrefixCheckpoint) else load_prefix_checkpoint(prefix, prefix_config)
+    checkpoint = prefix if isinstance(prefix, PrefixCheckpoint) else load_prefix_checkpoint(prefix, prefix_config,
+                                                                                             task_id)
     peft_model = build_peft_model(base, checkpoint)
     return PrefixModel(base, checkpoint, peft_model, compute_prefix_kv(peft_model, base.spec),
                        "<in-memory>" if isinstance(prefix, PrefixCheckpoint) else str(prefix),
@@ -98,52 +90,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 1024**2
-
-
 def model_files(base: BaseModel) -> list[Path]:
     if base.local_dir is None:
         return []
     # sharded checkpoints: every shard and its index (model.safetensors.index.json)
     patterns = ("config.json", "*.safetensors", "*.bin", "*.index.json", "generation_config.json")
     return sorted({p for pattern in patterns for p in base.local_dir.glob(pattern) if p.is_file()})
-
-
-def resident_memory_mb() -> float | None:
-    """This process's resident memory now (Linux /proc), for the per-stage log; None elsewhere."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
-
-
-class _Progress:
-    """A stage-level progress bar (tqdm on stderr) that tests and --quiet can switch off; each stage's
-    end is logged with the memory held then and the peak so far (-v)."""
-
-    def __init__(self, stages: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=stages, desc="prefix-export", unit="step", leave=False, file=sys.stderr)
-
-    def note(self, description: str) -> None:
-        log.info("%s: resident %.0f MB, peak %.0f MB", description, resident_memory_mb() or 0, peak_memory_mb())
-
-    def __call__(self, description: str) -> None:
-        self.note(description)
-        if self.bar is not None:
-            self.bar.set_description(description)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def existing_path(path: str | None) -> str | None:
@@ -155,7 +107,7 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
     base, prefix_kv = source.base, source.prefix_kv
     inputs = {"model": base.source, "prefix": source.prefix_source, "model_path": existing_path(base.source),
               "prefix_path": existing_path(source.prefix_source), "prefix_config": source.prefix_config,
-              "checkpoint_kind": source.checkpoint.kind,
+              "checkpoint_kind": source.checkpoint.kind, "task_id": source.checkpoint.task_id,
               "sha256": hashes(source.checkpoint.files + model_files(base))}
     return {"tool": "prefix-export", "version": __version__, "command_line": command_line or sys.argv,
             "created_unix": int(time.time()), "layout": kind.layout, "versions": library_versions(),
@@ -163,7 +115,7 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
             "inputs": inputs, "architecture": dataclasses.asdict(base.spec),
             "prefix": {"num_virtual_tokens": prefix_kv.num_virtual_tokens, "shape": list(prefix_kv.tensor.shape),
                        "shape_meaning": "(L, 2, H_kv, P, D)", "dtype": str(prefix_kv.tensor.dtype).replace("torch.", ""),
-                       "prefix_projection": bool(source.checkpoint.config.prefix_projection)},
+                       **describe_conversion(source.checkpoint)},
             "dtype": (base.dtype_choice.to_dict() if base.dtype_choice is not None else
                       {"checkpoint": None, "exported": str(prefix_kv.tensor.dtype).replace("torch.", ""),
                        "why": "as loaded (the checkpoint's dtype, or --dtype)"}),
@@ -173,6 +125,7 @@ def _new_report(source: PrefixModel, kind: ExportKind, graph_name: str, command_
 def _graph_metadata(source: PrefixModel, kind: ExportKind, report: dict) -> dict[str, str]:
     metadata = {contract.META_PREFIX_LENGTH: str(source.prefix_kv.num_virtual_tokens), contract.META_LAYOUT: kind.layout,
                 contract.META_VERSION: __version__, "prefix_export.model_type": source.base.spec.model_type,
+                "prefix_export.method": source.checkpoint.method,
                 "prefix_export.source_sha256": json.dumps(report["inputs"]["sha256"], sort_keys=True),
                 "prefix_export.versions": json.dumps(report["versions"], sort_keys=True)}
     if getattr(kind, "swappable", False):
@@ -231,10 +184,12 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                         progress: bool = True, command_line: list[str] | None = None, layout: str = "folded",
                         triton: bool | str = False, validation: ValidationSettings | None = None,
                         greedy_tokens: int | None = None, swappable_prefix: bool = False,
-                        compile_options=None, ort_format: bool = False) -> ExportResult:
+                        compile_options=None, ort_format: bool = False, task_id: int | None = None) -> ExportResult:
     """Export `model` + `prefix` to the folder `out` (or `out/NAME.onnx`), validated unless told not to.
 
     `model` may be a `PrefixModel` already loaded by `load_prefix_model` (then `prefix` is ignored).
+    `prefix`: prefix tuning, or prompt tuning / p-tuning / multitask prompt tuning (then `task_id` chooses
+    the task), whose virtual tokens become the same static prefix KV (source/prefix_kv.py).
     Every input is checked before anything is written; the folder appears only once complete and
     (unless `run_validation=False`) validated. A failed validation raises ValidationError, with the
     export kept beside `out` as `out.invalid/` only when `keep_invalid` is set.
@@ -257,7 +212,8 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                              "--no-validate (or export without them).")
         destination, graph_name = resolve_output(out)
         output.check_destination(destination, force)
-        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
+        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype,
+                                                                                task_id)
         scratch = destination.parent / f".{destination.name}.plain"
         try:
             export_prefix_model(source, None, scratch / graph_name, force=True, tolerances=tolerances, opset=opset,
@@ -283,9 +239,10 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
     output.check_destination(destination, force)
     if isinstance(triton, str):
         check_name(triton)
-    steps = _Progress(5 if run_validation else 4, progress)
+    steps = Progress(5 if run_validation else 4, progress)
     try:
-        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype)
+        source = model if isinstance(model, PrefixModel) else load_prefix_model(model, prefix, prefix_config, dtype,
+                                                                                task_id)
         spec = source.base.spec
         kind = kind_for(spec, layout, swappable_prefix)
         if ort_format and spec.is_seq2seq:
@@ -306,7 +263,7 @@ def export_prefix_model(model: str | Path | BaseModel | PrefixModel, prefix: str
                 folder = ExportFolder(tmp, kind.graph_name(graph_name))
                 t0 = time.perf_counter()
                 report["graph"] = _export_graphs(source, kind, folder, metadata, opset, external_data)
-                _return_freed_memory()  # the exporter's temporaries, before the references stack on them
+                return_freed_memory()  # the exporter's temporaries, before the references stack on them
                 report["timing_s"] = {"export": round(time.perf_counter() - t0, 3)}
                 steps("exported graph")
                 _write_side_files(source, kind, folder, triton, destination)
@@ -407,7 +364,7 @@ def _source_from_report(folder: ExportFolder, report: dict, model: str | None, p
     if not model or not prefix or prefix == "<in-memory>":
         raise InputError(f"{folder.path}: the report does not say which model and prefix were exported; pass "
                          "--model and --prefix.")
-    return load_prefix_model(model, prefix, prefix_config)
+    return load_prefix_model(model, prefix, prefix_config, task_id=inputs.get("task_id"))
 
 
 def compile_export(folder: str | Path, out: str | Path, options, *, model: str | None = None,
@@ -438,7 +395,7 @@ def compile_export(folder: str | Path, out: str | Path, options, *, model: str |
         raise InputError(f"compile writes a new folder; --out {out} is the folder being compiled.")
     output.check_destination(destination, force)
     spec = describe(AutoConfig.from_pretrained(str(given.path)))
-    steps = _Progress(3, progress)
+    steps = Progress(3, progress)
     try:
         source = source or _source_from_report(given, report, model, prefix, prefix_config)
         steps("loaded model and prefix")

@@ -18,7 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_options import add_compile_args, add_export_args, compile_options, tolerances
+from .cli_options import add_compile_args, add_export_args, add_task_id, compile_options, tolerances
 from .errors import PrefixExportError
 
 SUBCOMMANDS = ("export", "validate", "generate", "inspect", "bench", "adapter", "compile")
@@ -28,7 +28,8 @@ log = logging.getLogger("prefix_export")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefix-export",
-        description="Export a Hugging Face causal LM + PEFT prefix-tuning checkpoint to a validated ONNX decoder. "
+        description="Export a Hugging Face causal LM + PEFT prefix-tuning (or prompt-tuning, p-tuning) checkpoint "
+                    "to a validated ONNX decoder. "
                     "Without a subcommand, `prefix-export --model M --prefix P --out O` exports.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 ok, 1 validation failed, 2 bad input or unsupported")
@@ -99,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapter = sub.add_parser("adapter", help="another task's prefix as an ONNX Runtime adapter file for a "
                                              "--swappable-prefix export, validated against PEFT")
     adapter.add_argument("out_dir", help="the export folder (made with --swappable-prefix)")
-    adapter.add_argument("--prefix", required=True, help="the task's PEFT prefix-tuning adapter folder or state dict")
-    adapter.add_argument("--prefix-config", help="PrefixTuningConfig JSON for a raw state dict")
+    adapter.add_argument("--prefix", required=True, help="the task's PEFT adapter folder or state dict (as for export)")
+    adapter.add_argument("--prefix-config", help="the PEFT config JSON for a raw state dict")
+    add_task_id(adapter)
     adapter.add_argument("--out", required=True, help="the adapter file to write, NAME.onnx_adapter (its report "
                                                       "goes beside it as NAME.onnx_adapter.json)")
     adapter.add_argument("--model", help="the base model (default: the one recorded in the export's report; it "
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model")
     inspect.add_argument("--prefix", required=True)
     inspect.add_argument("--prefix-config")
+    add_task_id(inspect)
     bench = sub.add_parser("bench", help="measure PEFT eager vs the export vs the base-model export "
                                          "(latency, memory, bandwidth floor); writes bench.json + bench.png")
     bench.add_argument("export_dir", nargs="?", help="an export folder (else --model and --prefix)")
@@ -182,7 +185,8 @@ def _print_export_summary(result) -> None:
             ("shape", f"{arch['num_layers']} layers, {arch['num_attention_heads']} heads, "
                       f"{arch['num_kv_heads']} KV heads, head dim {arch['head_dim']}"),
             ("prefix", f"P={prefix['num_virtual_tokens']} {tuple(prefix['shape'])} {prefix['dtype']} "
-                       f"({report['inputs']['checkpoint_kind']})"),
+                       f"({prefix.get('method', 'prefix_tuning').replace('_', ' ')}, "
+                       f"{report['inputs']['checkpoint_kind']})"),
             ("graph", f"{graph['graph']}, {graph['nodes']} nodes, {graph['weight_bytes'] / 1e6:.1f} MB weights"
                       + (f", external data {graph['external_data']}" if graph["external_data"] else "")),
             ("dtype", f"{report['dtype']['exported']}"
@@ -233,7 +237,7 @@ def cmd_export(args) -> int:
         opset=args.opset, external_data=args.external_data, keep_invalid=args.keep_invalid, layout=args.layout,
         progress=not args.quiet and not args.json, command_line=["prefix-export", *args.argv], triton=args.triton,
         greedy_tokens=args.greedy_tokens, swappable_prefix=args.swappable_prefix,
-        compile_options=compile_options(args), ort_format=args.graph_format == "ort")
+        compile_options=compile_options(args), ort_format=args.graph_format == "ort", task_id=args.task_id)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -318,7 +322,7 @@ def cmd_adapter(args) -> int:
     result = make_adapter(args.out_dir, args.prefix, args.out, model=args.model, prefix_config=args.prefix_config,
                           force=args.force, run_validation=not args.no_validate,
                           tolerances=tolerances(args.atol, None), greedy_tokens=args.greedy_tokens,
-                          command_line=["prefix-export", *args.argv])
+                          command_line=["prefix-export", *args.argv], task_id=args.task_id)
     if args.json:
         print(json.dumps(result.report, indent=2))
         return 0
@@ -333,7 +337,7 @@ def cmd_adapter(args) -> int:
 def cmd_inspect(args) -> int:
     from .source.plan import inspect_export_plan
 
-    info = inspect_export_plan(args.model, args.prefix, args.prefix_config)
+    info = inspect_export_plan(args.model, args.prefix, args.prefix_config, args.task_id)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -30,10 +30,12 @@ def tolerances(values: list[str] | None, default: float | None):
 def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id (from the cache or online) or a local model folder")
     parser.add_argument("--prefix", required=True,
-                        help="PEFT prefix-tuning adapter folder, or a raw PrefixEncoder state dict "
-                             "(.safetensors/.pt/.bin) with --prefix-config")
-    parser.add_argument("--prefix-config", help="PrefixTuningConfig JSON for a raw state dict "
+                        help="PEFT adapter folder: prefix tuning, prompt tuning, p-tuning or multitask prompt tuning "
+                             "(virtual tokens become the same static prefix); or a raw PrefixEncoder / p-tuning "
+                             "PromptEncoder state dict (.safetensors/.pt/.bin) with --prefix-config")
+    parser.add_argument("--prefix-config", help="the PEFT config JSON for a raw state dict "
                                                 "(default: prefix_config.json or adapter_config.json beside it)")
+    add_task_id(parser)
     parser.add_argument("--out", required=True, help="output folder, or OUT_DIR/NAME.onnx")
     parser.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     parser.add_argument("--no-validate", action="store_true", help="skip validation against PEFT (not advised)")
@@ -63,6 +65,12 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swappable-prefix", action="store_true",
                         help="folded layout: keep the prefix replaceable at run time, so that `prefix-export "
                              "adapter` files (ONNX Runtime adapters) switch the task on one loaded graph")
+
+
+def add_task_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task-id", type=int, metavar="N",
+                        help="multitask prompt tuning: the task whose prompt is exported (PEFT's task_ids, "
+                             "0..num_tasks-1); one export holds one task")
 
 
 def add_compile_args(parser: argparse.ArgumentParser) -> None:

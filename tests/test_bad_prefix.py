@@ -29,13 +29,21 @@ def test_missing_prefix_path(gpt2_dir, out, capsys):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("peft_type, advice", [("LORA", "merge_and_unload"), ("PROMPT_TUNING", "not a prefix"),
-                                               ("P_TUNING", "not a prefix")])
+@pytest.mark.parametrize("peft_type, advice", [
+    ("LORA", "LoRA changes the model's weights.*merge_and_unload"),
+    ("IA3", "IA3 changes the model's weights.*merge_and_unload"),
+    ("ADALORA", "ADALORA changes the model's weights.*merge_and_unload"),
+    ("ADAPTION_PROMPT", "gated attention"),
+    ("CPT", "not exported yet; prompt tuning \\(PROMPT_TUNING\\) is"),
+    ("SOMETHING_NEW", "which prefix-export does not export\\. It exports"),
+])
 def test_other_peft_types_are_named(tmp_path, gpt2_dir, out, capsys, peft_type, advice):
+    """Methods that are not exported: named, with what to do instead, and the list of what is exported
+    (prompt tuning and p-tuning are exported: tests/test_prompt_tuning.py)."""
     _adapter_config(tmp_path / "adapter", peft_type=peft_type, task_type="CAUSAL_LM", r=8)
     code, text = run_cli(export_args(gpt2_dir, tmp_path / "adapter", out), capsys)
-    assert code == 2 and f"PEFT {peft_type} adapter" in text and advice in text
-    assert_nothing_written(out)
+    assert_refused(code, text, out, f"PEFT {peft_type} adapter", advice,
+                   "It exports prefix tuning, prompt tuning, p-tuning and multitask prompt tuning")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -289,3 +297,75 @@ def test_prefix_values_overflow_model_dtype(tmp_path, gpt2_dir, gpt2_adapter, ou
     code, text = run_cli(export_args(gpt2_dir, bad, out, "--dtype", "float16"), capsys)
     assert_refused(code, text, out, "does not fit the model's dtype", "cast to float16 it holds 5 Inf/NaN",
                    "1e\\+05 in float32", "--dtype float32")
+
+
+# ---- virtual-token methods (prompt tuning, p-tuning, multitask): what is refused, and why ----------
+
+
+@pytest.fixture(scope="module")
+def prompt_adapter(tmp_path_factory, gpt2_dir):
+    from tiny_models import make_virtual_tokens
+
+    return make_virtual_tokens(gpt2_dir, tmp_path_factory.mktemp("prompt"), "prompt_tuning", 4, trained=False)
+
+
+def test_multitask_without_task_id(tmp_path, gpt2_dir, out, capsys):
+    from tiny_models import make_virtual_tokens
+
+    adapter = make_virtual_tokens(gpt2_dir, tmp_path / "mpt", "multitask_prompt_tuning", 3, trained=False)
+    code, text = run_cli(export_args(gpt2_dir, adapter, out), capsys)
+    assert_refused(code, text, out, "multitask prompt-tuning checkpoint with 3 tasks", r"--task-id \(0\.\.2\)")
+    code, text = run_cli(export_args(gpt2_dir, adapter, out, "--task-id", "3"), capsys)
+    assert_refused(code, text, out, r"--task-id \(0\.\.2\), not 3")
+
+
+def test_task_id_for_a_single_prompt(gpt2_dir, prompt_adapter, out, capsys):
+    code, text = run_cli(export_args(gpt2_dir, prompt_adapter, out, "--task-id", "1"), capsys)
+    assert_refused(code, text, out, "--task-id 1 chooses a task of a multitask", "is prompt tuning", "Drop --task-id")
+
+
+def test_virtual_tokens_for_another_hidden_size(tmp_path, out, capsys):
+    from tiny_models import make_virtual_tokens
+
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    save_tiny_model(tiny_config("gpt2", n_embd=48), wide)
+    save_tiny_model(tiny_config("gpt2"), narrow)
+    adapter = make_virtual_tokens(wide, tmp_path / "prompt", "prompt_tuning", 4, trained=False)
+    code, text = run_cli(export_args(narrow, adapter, out), capsys)
+    assert_refused(code, text, out, r"virtual token embeddings are 48 wide \(token_dim\)", "embeds tokens in 32")
+
+
+def test_virtual_tokens_disagree_with_config(tmp_path, gpt2_dir, prompt_adapter, out, capsys):
+    state = adapter_state(prompt_adapter)
+    bad = adapter_with_state(prompt_adapter, tmp_path / "short", {"prompt_embeddings": state["prompt_embeddings"][:3]})
+    code, text = run_cli(export_args(gpt2_dir, bad, out), capsys)
+    assert_refused(code, text, out, r"embeddings have shape \(3, 32\)", r"implies \(4, 32\)", "do not belong together")
+
+
+def test_nan_in_virtual_tokens(tmp_path, gpt2_dir, prompt_adapter, out, capsys):
+    state = adapter_state(prompt_adapter)
+    state["prompt_embeddings"][2, 5] = float("nan")
+    bad = adapter_with_state(prompt_adapter, tmp_path / "nan", state)
+    code, text = run_cli(export_args(gpt2_dir, bad, out), capsys)
+    assert_refused(code, text, out, "virtual token embeddings holds 1 NaN/Inf values", "diverged")
+
+
+def test_prompt_adapter_with_modules_to_save(tmp_path, gpt2_dir, prompt_adapter, out, capsys):
+    config = json.loads((prompt_adapter / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["lm_head"]
+    bad = copy_adapter(prompt_adapter, tmp_path / "bad", config=config)
+    code, text = run_cli(export_args(gpt2_dir, bad, out), capsys)
+    assert_refused(code, text, out, r"also trains base-model modules \(\['lm_head'\]", "modules_to_save")
+
+
+def test_p_tuning_encoder_with_wrong_keys(tmp_path, gpt2_dir, out, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import make_virtual_tokens
+
+    raw = make_virtual_tokens(gpt2_dir, tmp_path / "raw", "p_tuning", 3, trained=False, kind="raw_safetensors")
+    state = load_file(str(raw))
+    del state["mlp_head.4.bias"]
+    save_file(state, str(raw))
+    code, text = run_cli(export_args(gpt2_dir, raw, out), capsys)
+    assert_refused(code, text, out, r"PromptEncoder \(MLP\) keys do not match", r"mlp_head\.4\.bias")

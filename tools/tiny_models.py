@@ -143,3 +143,89 @@ def _jsonable(value):
     if hasattr(value, "value"):  # enums
         return value.value
     return value
+
+
+# ---- virtual-token methods (prompt tuning, p-tuning, multitask prompt tuning) -----------------------
+
+
+TEXT_INIT = "w5 w17 w42 w9 w64 w3 w77 w11"  # words of save_word_tokenizer's vocabulary
+
+
+def save_word_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
+    """A word-level tokenizer whose words "w0".."w{vocab_size-1}" are token ids 0..vocab_size-1, for
+    prompt_tuning_init TEXT (which PEFT reads at training time only) on the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(folder)
+    return folder
+
+
+def make_virtual_tokens(model_dir: Path, out: Path, method: str = "prompt_tuning", num_virtual_tokens: int = 6,
+                        init: str = "RANDOM", encoder: str = "MLP", kind: str = "peft_adapter", trained: bool = True,
+                        seed: int = 0, steps: int = 6, tokenizer_dir: Path | None = None, num_tasks: int = 3) -> Path:
+    """A PEFT prompt-tuning, p-tuning or multitask prompt-tuning adapter for the model in `model_dir`,
+    trained a few steps (or as initialised), saved as `kind`; returns the path to pass as --prefix.
+
+    method "prompt_tuning": `init` RANDOM, SAMPLE_VOCAB or TEXT (TEXT reads `tokenizer_dir`, a
+    save_word_tokenizer folder, at creation only). "p_tuning": a PromptEncoder with an `encoder` MLP or
+    LSTM head. "multitask_prompt_tuning": `num_tasks` tasks, factors drawn large enough to differ.
+    kind "peft_adapter": PeftModel.save_pretrained(out) (PEFT saves the encoder's output); kind
+    "raw_safetensors" (p-tuning): the PromptEncoder's own state dict, MLP/LSTM included, as
+    out/prompt_encoder.safetensors + out/prefix_config.json.
+    """
+    from peft import MultitaskPromptTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoConfig
+
+    from prefix_export.source.architectures import describe
+
+    torch.manual_seed(seed)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    model = _model_class(model_config).from_pretrained(model_dir)
+    common = dict(task_type=describe(model_config).task_type, num_virtual_tokens=num_virtual_tokens)
+    if method == "prompt_tuning":
+        text = {}
+        if init == "TEXT":  # PEFT tokenizes the text once, here; the adapter keeps only the embeddings
+            text = dict(prompt_tuning_init_text=TEXT_INIT, tokenizer_name_or_path=str(tokenizer_dir))
+        config = PromptTuningConfig(prompt_tuning_init=init, **text, **common)
+    elif method == "p_tuning":
+        config = PromptEncoderConfig(encoder_reparameterization_type=encoder, encoder_hidden_size=24, **common)
+    elif method == "multitask_prompt_tuning":
+        config = MultitaskPromptTuningConfig(num_tasks=num_tasks, num_ranks=2, **common)
+    else:
+        raise ValueError(method)
+    peft_model = get_peft_model(model, config)
+    encoder_module = peft_model.prompt_encoder["default"]
+    with torch.no_grad():
+        if method == "multitask_prompt_tuning":  # PEFT's 0.02-scale factors would make every task near zero
+            encoder_module.prefix_task_cols.normal_(0.0, 1.0)
+            encoder_module.prefix_task_rows.normal_(0.0, 1.0)
+    if trained:
+        optimizer = torch.optim.Adam([p for p in encoder_module.parameters() if p.requires_grad], lr=1e-2)
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        for _ in range(steps):
+            batch = torch.randint(0, vocab, (4, 12), generator=generator)
+            extra = {"task_ids": torch.randint(0, num_tasks, (4,), generator=generator)} \
+                if method == "multitask_prompt_tuning" else {}
+            loss = peft_model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch, **extra).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    peft_model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "peft_adapter":
+        peft_model.save_pretrained(out)
+        return out
+    if kind != "raw_safetensors" or method != "p_tuning":
+        raise ValueError(f"{kind} for {method}")
+    from safetensors.torch import save_file
+
+    config_dict = peft_model.peft_config["default"].to_dict()
+    config_dict["inference_mode"] = False
+    (out / "prefix_config.json").write_text(json.dumps(_jsonable(config_dict), indent=2))
+    save_file({k: v.detach().clone().contiguous() for k, v in encoder_module.state_dict().items()},
+              str(out / "prompt_encoder.safetensors"))
+    return out / "prompt_encoder.safetensors"

@@ -63,6 +63,10 @@ class ArchSpec:
     extra_norms: int = 1
     activation: str = "gelu_tanh"
     unfusable: tuple[tuple[str, str], ...] = ()
+    # Why PEFT prompt tuning / p-tuning cannot become a static KV prefix here: the virtual tokens' keys
+    # and values would depend on the user's tokens (bidirectional attention over them). None: attention
+    # is causal, so one forward over the virtual tokens alone gives their keys/values (prefix_kv.py).
+    virtual_tokens_unfoldable: str | None = None
 
     @property
     def is_seq2seq(self) -> bool:
@@ -243,6 +247,12 @@ for _type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"):
 # (so cross-attention sees the encoder output only, no prefix); the encoder takes no prefix. The
 # decoder's positions follow its cache length, so they start at P (BART's learned table, T5's
 # relative bias). prefix_kv.compute_prefix_kv checks the cross-attention part really is empty.
+# Prompt tuning and p-tuning are another matter: PEFT prepends their virtual tokens to the encoder's
+# input (and, with num_transformer_submodules=2, to the decoder's), where they are attended both ways.
+_SEQ2SEQ_VIRTUAL_TOKENS = (
+    "PEFT puts a seq2seq model's virtual tokens into the encoder input, whose attention is bidirectional: their "
+    "encoder states, and everything the decoder reads from them, depend on the user's tokens, so there are no "
+    "static keys/values to fold (a prompt-tuned encoder would have to run the virtual embeddings with every input)")
 
 
 @register("bart")
@@ -251,6 +261,7 @@ def _bart(config) -> ArchSpec:
     return _multi_head("bart", config.decoder_layers, config.decoder_attention_heads, config.d_model,
                        config.vocab_size, "learned", config.max_position_embeddings, family=FAMILY_SEQ2SEQ,
                        num_encoder_layers=config.encoder_layers, decoder_start_token_id=config.decoder_start_token_id,
+                       virtual_tokens_unfoldable=_SEQ2SEQ_VIRTUAL_TOKENS,
                        float16_unsafe="BartEncoderLayer clamps float16 overflow behind a data-dependent `if` that "
                                       "torch.export cannot trace (transformers 5.24)")
 
@@ -263,6 +274,7 @@ def _t5(config) -> ArchSpec:
         num_kv_heads=config.num_heads, head_dim=config.d_kv, hidden_size=config.d_model,
         vocab_size=config.vocab_size, positions="relative", max_positions=None, family=FAMILY_SEQ2SEQ,
         num_encoder_layers=config.num_layers, decoder_start_token_id=config.decoder_start_token_id,
+        virtual_tokens_unfoldable=_SEQ2SEQ_VIRTUAL_TOKENS,
         float16_unsafe="T5's feed-forward activations overflow float16 in released checkpoints (transformers "
                        "clamps them to float16's range in float16, which changes the result)")
 

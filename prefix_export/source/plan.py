@@ -4,12 +4,20 @@ from __future__ import annotations
 from .. import contract, contract_seq2seq
 from .base_model import load_base_model
 from .checkpoint import load_prefix_checkpoint
-from .prefix_kv import check_fits
+from .prefix_kv import check_fits, describe_conversion
 
 
-def inspect_export_plan(model: str, prefix: str, prefix_config: str | None = None) -> dict:
+def _checkpoint_line(checkpoint) -> str:
+    if checkpoint.is_prefix:
+        return f"{checkpoint.kind}, projection {'on' if checkpoint.config.prefix_projection else 'off'}"
+    details = {key: value for key, value in describe_conversion(checkpoint).items()
+               if key in ("prompt_tuning_init", "encoder_reparameterization_type", "task_id")}
+    return ", ".join([checkpoint.kind] + [f"{key.replace('_', ' ')} {value}" for key, value in details.items()])
+
+
+def inspect_export_plan(model: str, prefix: str, prefix_config: str | None = None, task_id: int | None = None) -> dict:
     base = load_base_model(model)
-    checkpoint = load_prefix_checkpoint(prefix, prefix_config)
+    checkpoint = load_prefix_checkpoint(prefix, prefix_config, task_id)
     check_fits(base, checkpoint)
     spec = base.spec
     P = checkpoint.num_virtual_tokens
@@ -47,7 +55,9 @@ def inspect_export_plan(model: str, prefix: str, prefix_config: str | None = Non
         "model parameters": sum(p.numel() for p in base.model.parameters()),
         "dtype": str(base.model.dtype).replace("torch.", ""),
         "prefix (P)": P,
-        "prefix checkpoint": f"{checkpoint.kind}, projection {'on' if checkpoint.config.prefix_projection else 'off'}",
+        "method": checkpoint.method,
+        "conversion": describe_conversion(checkpoint)["conversion"],
+        "prefix checkpoint": _checkpoint_line(checkpoint),
         "prefix parameters (stored)": checkpoint.prompt_embeddings.numel(),
         "prefix KV shape": f"({spec.num_layers}, 2, {spec.num_kv_heads}, {P}, {spec.head_dim}) (L, 2, H_kv, P, D)",
         "prefix KV bytes": prefix_bytes,

@@ -21,13 +21,12 @@ import dataclasses
 import logging
 
 import numpy as np
-import torch
 
 from .. import contract
 from ..runtime.decoder import OnnxDecoder, positions_from_mask
 from ..runtime.loop import greedy_generate
 from .guard import Guarded, GraphRunFailed, record_failure
-from .reference import decoder_forward, in_float64, reference_greedy
+from .reference import decoder_forward, in_float64, reference_greedy, reference_prefix_layers
 from .report import (PREFIX_ATOL, Tolerances, ValidationReport, ValidationSettings, check_shapes_and_finite, compare,
                      make_prompts)
 
@@ -74,13 +73,9 @@ def compute_reference(peft_model, vocab_size: int, float64: bool = True,
                       greedy_prompts: int = _DEFAULTS.greedy_prompts, seed: int = _DEFAULTS.seed,
                       max_positions: int | None = None, progress=None) -> DecoderReference:
     """Phase 1: PEFT's answers for every check; `max_positions` (learned tables minus P) shortens them."""
-    from ..source.architectures import cache_to_tensors
-
     settings = _effective_settings(prompt_lengths, decode_steps, greedy_tokens, greedy_prompts, seed, max_positions)
     tick = progress or (lambda *_: None)
-    with torch.no_grad():
-        cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
-    prefix_layers = [(key.float().numpy(), value.float().numpy()) for key, value in cache_to_tensors(cache)]
+    prefix_layers = reference_prefix_layers(peft_model)
     ids, mask, prompts = make_prompts(vocab_size, tuple(settings["prompt_lengths"]), seed)
     batch = ids.shape[0]
     # The decode steps' tokens are fixed random draws, so every reference can be computed up front.

@@ -21,9 +21,12 @@ from ..source import architectures
 def decoder_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
     """PEFT forward over the whole sequence: logits (B, S, V) and the user part of the cache.
 
-    PEFT prepends its prefix cache, extends the mask by P and shifts the positions we give by P.
-    The cache it returns holds P + S positions per layer; the user's part is [P:].
+    Prefix tuning: PEFT prepends its prefix cache, extends the mask by P and shifts the positions we
+    give by P. The cache it returns holds P + S positions per layer; the user's part is [P:].
+    Prompt tuning and p-tuning: see `virtual_tokens_forward`.
     """
+    if prepends_embeddings(peft_model):
+        return virtual_tokens_forward(peft_model, input_ids, attention_mask, position_ids)
     P = peft_model.active_peft_config.num_virtual_tokens
     with torch.no_grad():
         out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
@@ -32,6 +35,79 @@ def decoder_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarra
     for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
         presents += [_exact_array(key[:, :, P:]), _exact_array(value[:, :, P:])]
     return _exact_array(out.logits), presents
+
+
+def prepends_embeddings(peft_model) -> bool:
+    """Prompt tuning, p-tuning, multitask prompt tuning: PEFT prepends virtual token embeddings to the
+    input (prefix tuning prepends keys/values to the cache)."""
+    return str(getattr(peft_model.active_peft_config.peft_type, "value", "")) != "PREFIX_TUNING"
+
+
+def virtual_tokens_forward(peft_model, input_ids: np.ndarray, attention_mask: np.ndarray,
+                           position_ids: np.ndarray | None = None):
+    """PEFT's forward for a method that prepends P virtual token embeddings: the logits of the user's
+    positions (PEFT returns P more, for the virtual ones, dropped here) and the user part of the cache.
+
+    PEFT ignores position ids for these methods: its positions are 0..P+S-1 whatever the mask, so in a
+    left-padded batch the padding sits between the virtual tokens and the prompt and moves the prompt's
+    positions, and a row's logits depend on its batch's padding (measured on the tiny models with 3 pads:
+    up to 0.5 on rotary and learned-position families; none where positions follow the mask, ALiBi and
+    OPT). The export gives every row the positions of the contract, the prompt at P + (its positions),
+    as for a prefix; so for a padded batch PEFT's forward runs with those positions handed to the base
+    model ([0..P-1, P + position_ids]). Unpadded, PEFT's own positions are those already.
+    The cache is one that keeps every position, so a sliding-window layer's presents are whole.
+    """
+    P = peft_model.active_peft_config.num_virtual_tokens
+    model = peft_model.get_base_model()
+    positions = contextlib.nullcontext()
+    if position_ids is not None and not attention_mask.all():
+        positions = _base_model_positions(model, P, torch.from_numpy(position_ids))
+    with torch.no_grad(), positions:
+        out = peft_model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                         use_cache=True, return_dict=True,
+                         **architectures.cache_kwargs(model, architectures.make_cache([])))
+    presents = []
+    for key, value in architectures.cache_to_tensors(architectures.output_cache(out)):
+        presents += [_exact_array(key[:, :, P:]), _exact_array(value[:, :, P:])]
+    return _exact_array(out.logits[:, P:]), presents
+
+
+@contextlib.contextmanager
+def _base_model_positions(model: torch.nn.Module, P: int, position_ids: torch.Tensor):
+    """Inside, `model`'s forward gets position ids (B, P + S): 0..P-1 for the virtual tokens, then
+    P + `position_ids` (B, S) for the user's, in place of the none PEFT passes."""
+    full = torch.cat([torch.arange(P).expand(position_ids.shape[0], P), position_ids + P], dim=1)
+
+    def with_positions(module, args, kwargs):
+        kwargs["position_ids"] = full
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(with_positions, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def reference_prefix_layers(peft_model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PEFT's own prefix per layer (1, H_kv, P, D), float32, for the check that the export's equals it.
+
+    Prefix tuning: the cache get_prompt builds. Virtual tokens: the cache PEFT's own forward builds for
+    no user tokens at all, i.e. over the P virtual tokens alone (its concatenation, mask, dtype cast and
+    default positions: a route independent of the export's, with the same shapes, so equal to the bit).
+    """
+    P = peft_model.active_peft_config.num_virtual_tokens
+    if prepends_embeddings(peft_model):
+        none = torch.zeros(1, 0, dtype=torch.long)
+        model = peft_model.get_base_model()
+        with torch.no_grad():
+            out = peft_model(input_ids=none, attention_mask=none, use_cache=True, return_dict=True,
+                             **architectures.cache_kwargs(model, architectures.make_cache([])))
+        layers = architectures.cache_to_tensors(architectures.output_cache(out))
+        return [(key.float().numpy(), value.float().numpy()) for key, value in layers]
+    with torch.no_grad():
+        cache = peft_model.get_prompt(batch_size=1, max_cache_len=P)
+    return [(key.float().numpy(), value.float().numpy()) for key, value in architectures.cache_to_tensors(cache)]
 
 
 def _exact_array(tensor: torch.Tensor) -> np.ndarray:
