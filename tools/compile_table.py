@@ -141,7 +141,7 @@ def main() -> int:
     threads = os.cpu_count() or 1
     bandwidth = measure_bandwidth(1024, 5, threads)["gb_per_s"]
     prefix = given.read_prefix() if given.layout == "cache" else None
-    timed = [r for r in rows if r.get("graph")]
+    timed = [r for r in rows if r.get("graph")] if args.rounds > 0 else []  # --rounds 0: agreement only
     for round_index in range(args.rounds):  # every variant in turn, per round: measured minutes apart at most
         for row in timed if round_index % 2 == 0 else timed[::-1]:
             row.setdefault("decode_rounds_ms", []).extend(
