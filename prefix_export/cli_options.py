@@ -124,7 +124,10 @@ def compile_options(args):
     thresholds = None
     if args.min_top1 is not None or args.min_greedy is not None:
         default = DEFAULT_THRESHOLDS.get(args.precision, Thresholds(1.0, 1.0))
+        # --min-top1 sets the raw limit; the decided-positions limit never exceeds it (0 turns both off)
         thresholds = Thresholds(top1=default.top1 if args.min_top1 is None else args.min_top1,
-                                greedy=default.greedy if args.min_greedy is None else args.min_greedy)
+                                greedy=default.greedy if args.min_greedy is None else args.min_greedy,
+                                top1_decided=default.top1_decided if args.min_top1 is None else
+                                min(default.top1_decided, max(args.min_top1, 0.0)))
     return CompileOptions(optimize=args.optimize, quantization=quantization, thresholds=thresholds,
                           task_file=args.task_file)

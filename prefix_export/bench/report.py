@@ -229,6 +229,9 @@ def format_table(result: dict) -> str:
         agreement = (validation or {}).get("agreement")
         if agreement:
             extra += "; " + _agreement_text(agreement)
+        if variant.get("below_thresholds"):
+            extra += "; BELOW its default agreement thresholds (compile would refuse it): " + \
+                ", ".join(variant["below_thresholds"])
         lines.append(f"{variant['name']}: build {variant['build_s']:.1f}s, reads "
                      f"{variant['weights_read_per_token'] / 1e6:.1f} MB of weights per token{status}{extra}")
     lines.extend(f"note: {note}" for note in result.get("notes", []))

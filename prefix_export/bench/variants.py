@@ -145,14 +145,19 @@ def compiled_variants(plain: list[Variant], folders: dict[str, Path], workdir: P
     """The shipped artifacts, made by the compile path (`prefix-export compile`): for the export and
     the base (cache-layout) folder, the fused fp32 graph (`optimize`) and each reduced precision
     (fused too when `optimize`), each validated as compile validates it. Returns them and the failures."""
+    from ..compile.agreement import DEFAULT_THRESHOLDS, Thresholds, judge
     from ..compile.pipeline import CompileOptions
     from ..compile.quantize import QuantizationSettings
 
     made, failed = [], []
     on_gpu = any(p.lower() not in ("cpu", "cpuexecutionprovider") for p in settings.providers)
     precisions = [p for p in settings.precisions if p != "fp32" and (p != "fp16" or on_gpu)]
+    # Reduced precisions are compiled with the agreement thresholds off and judged here instead: a
+    # random-weight model on random prompts can fall below them, and its speed is still the question
+    # (such a row is labelled, in bench.json and the table, as below its thresholds).
     jobs = ([("fp32+fused", CompileOptions(optimize=True))] if settings.optimize else []) + [
-        (precision, CompileOptions(optimize=settings.optimize, quantization=QuantizationSettings(precision=precision)))
+        (precision, CompileOptions(optimize=settings.optimize, quantization=QuantizationSettings(precision=precision),
+                                   thresholds=Thresholds(0.0, 0.0)))
         for precision in precisions]
     for variant in plain:
         for label, options in jobs:
@@ -162,6 +167,11 @@ def compiled_variants(plain: list[Variant], folders: dict[str, Path], workdir: P
             if result is None:
                 failed.append({"name": name, **info})
                 continue
+            agreement = (info.get("validation") or {}).get("agreement")
+            if agreement:
+                below = judge(agreement, DEFAULT_THRESHOLDS[label])
+                info["meets_default_thresholds"] = not below
+                info["below_thresholds"] = below
             if variant.kind == "base":  # compiled from the cache-layout folder: validated as that layout
                 info["cache_layout_validation"] = info["validation"]
             made.append(Variant(name, result.graph, variant.kind, label, variant.build_s + info["build_s"], info))

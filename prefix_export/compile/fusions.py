@@ -317,9 +317,18 @@ def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict:
         options = FusionOptions("bert")
         options.enable_attention = False  # its pattern is for TorchScript exports
         options.enable_rotary_embeddings = False
-        model = optimize_model(model, model_type="bert", num_heads=spec.num_attention_heads,
-                               hidden_size=spec.hidden_size, opt_level=0, optimization_options=options,
-                               use_gpu=False).model
+        # Its modules warn "symbolic shape inference disabled or failed" for every dynamo graph, from
+        # loggers named after each module; the fusions work regardless. Shown with -v only.
+        quiet = log.getEffectiveLevel() > logging.INFO
+        if quiet:
+            logging.disable(logging.WARNING)
+        try:
+            model = optimize_model(model, model_type="bert", num_heads=spec.num_attention_heads,
+                                   hidden_size=spec.hidden_size, opt_level=0, optimization_options=options,
+                                   use_gpu=False).model
+        finally:
+            if quiet:
+                logging.disable(logging.NOTSET)
     merged = merge_prefix_copies(model)
     log.info("fuse: prefix + past + new concatenated once in %d of %d layers' keys and values", merged,
              2 * spec.num_layers)

@@ -314,8 +314,8 @@ class ValidationReport:
             return []
         a, limits = self.agreement, self.agreement.get("thresholds", {})
         lines = [f"agreement over {a['prompts']} prompts ({a['positions']} positions), greedy {a['greedy_tokens']} "
-                 f"tokens on {a['greedy_prompts']}; limits: top-1 >= {limits.get('top1')}, greedy equal >= "
-                 f"{limits.get('greedy')}"]
+                 f"tokens on {a['greedy_prompts']}; limits: top-1 >= {limits.get('top1')} (>= "
+                 f"{limits.get('top1_decided', 0)} where >= 1 logit ahead), greedy equal >= {limits.get('greedy')}"]
         for label, row in a["against"].items():
             lines.append(f"  vs {label:<11} top-1 {row['top1_agreement']:.3f} (where it is >= 1 logit ahead: "
                          f"{row.get('top1_agreement_decided', float('nan')):.3f})   greedy equal {row['greedy_equal']}/"
