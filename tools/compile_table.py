@@ -72,7 +72,7 @@ def time_decode(graph: Path, prefix, steps: int, prompt_len: int, rounds: int, t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir")
-    parser.add_argument("variants", nargs="+")
+    parser.add_argument("variants", nargs="*")
     parser.add_argument("--work", required=True)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--prompt-length", type=int, default=32)
