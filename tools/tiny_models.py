@@ -104,15 +104,7 @@ def make_prefix(model_dir: Path, out: Path, num_virtual_tokens: int, projection:
         for param in encoder.parameters():
             param.normal_(0.0, 0.5)
     if trained:
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-2)
-        generator = torch.Generator().manual_seed(seed)
-        vocab = model.config.vocab_size
-        for _ in range(steps):
-            batch = torch.randint(0, vocab, (4, 12), generator=generator)
-            loss = peft_model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        _train(peft_model, list(encoder.parameters()), model.config.vocab_size, steps, seed)
     peft_model.eval()
     out.mkdir(parents=True, exist_ok=True)
     if kind == "peft_adapter":
@@ -131,6 +123,19 @@ def make_prefix(model_dir: Path, out: Path, num_virtual_tokens: int, projection:
         torch.save(state, out / "prefix_encoder.pt")
         return out / "prefix_encoder.pt"
     raise ValueError(kind)
+
+
+def _train(peft_model, params: list, vocab: int, steps: int, seed: int, num_tasks: int = 0) -> None:
+    """A few Adam steps (lr 1e-2) of `params` on random (4, 12) batches; multitask: random task ids."""
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = torch.randint(0, vocab, (4, 12), generator=generator)
+        extra = {"task_ids": torch.randint(0, num_tasks, (4,), generator=generator)} if num_tasks else {}
+        loss = peft_model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch, **extra).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def _jsonable(value):
@@ -203,17 +208,8 @@ def make_virtual_tokens(model_dir: Path, out: Path, method: str = "prompt_tuning
             encoder_module.prefix_task_cols.normal_(0.0, 1.0)
             encoder_module.prefix_task_rows.normal_(0.0, 1.0)
     if trained:
-        optimizer = torch.optim.Adam([p for p in encoder_module.parameters() if p.requires_grad], lr=1e-2)
-        generator = torch.Generator().manual_seed(seed)
-        vocab = model.config.vocab_size
-        for _ in range(steps):
-            batch = torch.randint(0, vocab, (4, 12), generator=generator)
-            extra = {"task_ids": torch.randint(0, num_tasks, (4,), generator=generator)} \
-                if method == "multitask_prompt_tuning" else {}
-            loss = peft_model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch, **extra).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        _train(peft_model, [p for p in encoder_module.parameters() if p.requires_grad], model.config.vocab_size,
+               steps, seed, num_tasks if method == "multitask_prompt_tuning" else 0)
     peft_model.eval()
     out.mkdir(parents=True, exist_ok=True)
     if kind == "peft_adapter":
