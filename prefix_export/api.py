@@ -341,17 +341,24 @@ def validate_export(folder: str | Path, model: str | None = None, prefix: str | 
             result = check_by_agreement(folder, None, source.peft_model, options)
             result.problems[:0] = problems
             return result
-    if tolerances is None:
-        tolerances = Tolerances.from_settings(report.get("validation", {}).get("settings", {}))
-    kind = kind_for(source.base.spec, report.get("layout", "folded"))
-    settings = ValidationSettings.from_report(report.get("validation", {}).get("settings", {}),
-                                              source.base.num_parameters)
-    reference = kind.reference(source.peft_model, source.base.spec, tolerances, settings)
-    if kind.frees_model:
-        source.release()
-    result = kind.validate(folder, reference, source.base.spec, tolerances)
+    result = _validate_as_recorded(folder, report, source, tolerances, release=True)
     result.problems[:0] = problems
     return result
+
+
+def _validate_as_recorded(folder: ExportFolder, report: dict, source: PrefixModel, tolerances: Tolerances | None,
+                          release: bool) -> ValidationReport:
+    """`folder`'s graph against PEFT with the settings and tolerances its report records (unless given);
+    `release` frees the PyTorch model once PEFT's references are computed, where the kind allows."""
+    recorded = report.get("validation", {}).get("settings", {})
+    if tolerances is None:
+        tolerances = Tolerances.from_settings(recorded)
+    kind = kind_for(source.base.spec, report.get("layout", "folded"))
+    settings = ValidationSettings.from_report(recorded, source.base.num_parameters)
+    reference = kind.reference(source.peft_model, source.base.spec, tolerances, settings)
+    if release and kind.frees_model:
+        source.release()
+    return kind.validate(folder, reference, source.base.spec, tolerances)
 
 
 def _source_from_report(folder: ExportFolder, report: dict, model: str | None, prefix: str | Path | None,
@@ -417,14 +424,8 @@ def compile_export(folder: str | Path, out: str | Path, options, *, model: str |
                 "external_data": (target.graph.name + ".data") if (tmp / (target.graph.name + ".data")).is_file()
                 else None}
             steps("compiled graph")
-            if options.precision == "fp32":
-                kind = kind_for(spec, given.layout)
-                if tolerances is None:
-                    tolerances = Tolerances.from_settings(report.get("validation", {}).get("settings", {}))
-                settings = ValidationSettings.from_report(report.get("validation", {}).get("settings", {}),
-                                                          source.base.num_parameters)
-                reference = kind.reference(source.peft_model, spec, tolerances, settings)
-                result = kind.validate(target, reference, spec, tolerances)
+            if options.precision == "fp32":  # the caller's model (bench, export) may serve again: kept
+                result = _validate_as_recorded(target, report, source, tolerances, release=False)
             else:
                 result = check_by_agreement(target, fp32_graph, source.peft_model, options)
             shutil.rmtree(tmp / ".compile", ignore_errors=True)

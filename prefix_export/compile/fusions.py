@@ -292,12 +292,13 @@ def merge_prefix_copies(model) -> int:
     return merged
 
 
-def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict: bool = True) -> FusionReport:
+def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict: bool = True,
+         metadata: dict[str, str] | None = None) -> FusionReport:
     """Fuse `source` into `target` for ONNX Runtime (CPU and CUDA kernels alike).
 
     `max_positions` sizes the rotary cos/sin tables: the largest position the graph will see plus one
     (P + the model's context). With `strict`, a fusion the registry expects that did not match raises
-    FusionMismatchError naming the counts (e.g. `attention 0/12`).
+    FusionMismatchError naming the counts (e.g. `attention 0/12`). `metadata` is added to the graph's own.
     """
     import onnx_ir as ir
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -332,7 +333,7 @@ def fuse(source: Path, target: Path, spec: ArchSpec, max_positions: int, strict:
     merged = merge_prefix_copies(model)
     log.info("fuse: prefix + past + new concatenated once in %d of %d layers' keys and values", merged,
              2 * spec.num_layers)
-    copy_metadata(original, model)
+    copy_metadata(original, model, metadata)
     keep_io(original, model, "the fusion passes")
     check_prefix_kept(original, model, "the fusion passes")
     after = op_counts(model)

@@ -46,9 +46,9 @@ def check_prefix_kept(before, after, what: str) -> None:
 
 
 def copy_metadata(source, target, extra: dict[str, str] | None = None) -> None:
-    del target.metadata_props[:]
-    values = {prop.key: prop.value for prop in source.metadata_props}
+    values = {prop.key: prop.value for prop in source.metadata_props}  # first: `source` may be `target`
     values.update(extra or {})
+    del target.metadata_props[:]
     for key, value in values.items():
         target.metadata_props.add(key=key, value=value)
 

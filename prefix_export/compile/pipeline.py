@@ -70,39 +70,30 @@ def compile_graph(source_graph: Path, target_graph: Path, spec: ArchSpec, option
 
     The fp32 graph is `source_graph`, or the fused graph in `workdir` (the reference for agreement).
     """
-    from .fusions import fuse
-    from .graphio import load, save
+    from .fusions import expected_fusions, fuse
+    from .graphio import copy_metadata, load, save
     from .quantize import reduce_precision
 
     workdir.mkdir(parents=True, exist_ok=True)
     info: dict = {"optimize": options.optimize, "quantization": options.quantization.to_dict()}
+    # What was done, in the graph's own metadata too (the graph may travel without its report). fuse is
+    # strict, so a fused graph that is written holds every expected fusion: matched == expected.
+    summary = {"optimize": options.optimize, "quantization": info["quantization"]}
+    if options.optimize:
+        summary["fusions"] = {kind: f"{n}/{n}" for kind, n in expected_fusions(spec)[0].items()}
+    metadata = {META_COMPILE: json.dumps(summary, sort_keys=True)}
     fp32_graph = source_graph
     if options.optimize:
         fused = target_graph if options.precision == "fp32" else workdir / "fused.onnx"
-        info["fusion"] = fuse(source_graph, fused, spec, table_length).to_dict()
+        info["fusion"] = fuse(source_graph, fused, spec, table_length, metadata=metadata).to_dict()
         fp32_graph = fused
     if options.precision != "fp32":
-        info["conversion"] = reduce_precision(fp32_graph, target_graph, options.quantization)
+        info["conversion"] = reduce_precision(fp32_graph, target_graph, options.quantization, metadata)
     elif not options.optimize:
-        save(load(source_graph), target_graph)
-    _stamp(target_graph, info)
+        model = load(source_graph)
+        copy_metadata(model, model, metadata)
+        save(model, target_graph)
     return info, fp32_graph
-
-
-def _stamp(graph: Path, info: dict) -> None:
-    """What was done, in the graph's own metadata (the graph may travel without its report)."""
-    from .graphio import load, save
-
-    model = load(graph)
-    summary = {"optimize": info["optimize"], "quantization": info["quantization"]}
-    if "fusion" in info:
-        summary["fusions"] = {k: f"{v['matched']}/{v['expected']}" for k, v in info["fusion"]["expected"].items()}
-    values = {p.key: p.value for p in model.metadata_props}
-    values[META_COMPILE] = json.dumps(summary, sort_keys=True)
-    del model.metadata_props[:]
-    for key, value in values.items():
-        model.metadata_props.add(key=key, value=value)
-    save(model, graph)
 
 
 def check_by_agreement(folder, fp32_graph: Path | None, peft_model, options: CompileOptions) -> ValidationReport:
@@ -147,14 +138,11 @@ def recheck_fusions(graph: Path, spec: ArchSpec) -> list[str]:
 
 def options_from_report(compile_info: dict) -> CompileOptions:
     """The options a compiled folder was made with, for `validate` to recheck by the same criteria."""
-    quantization = dict(compile_info.get("quantization", {}))
-    precision = quantization.pop("precision", "fp32")
-    settings = QuantizationSettings(
-        precision=precision, method=quantization.get("method", "nbits"),
-        block_size=quantization.get("block_size", 32), accuracy_level=quantization.get("accuracy_level", 4),
-        symmetric=quantization.get("symmetric", True), algorithm=quantization.get("algorithm", "rtn"),
-        quantize_lm_head=quantization.get("quantize_lm_head", True),
-        keep_8bit=tuple(quantization.get("keep_8bit", ())), keep_fp32=tuple(quantization.get("keep_fp32", ())))
+    # The settings as QuantizationSettings.to_dict recorded them (lists back to tuples; extra keys such
+    # as "bits" are derived, and what a precision does not record keeps its default)
+    fields = {f.name for f in dataclasses.fields(QuantizationSettings)}
+    settings = QuantizationSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in compile_info.get("quantization", {}).items() if k in fields})
     thresholds = compile_info.get("thresholds")
     return CompileOptions(optimize=compile_info.get("optimize", False), quantization=settings,
                           thresholds=Thresholds(**thresholds) if thresholds else None,

@@ -199,8 +199,10 @@ def _fp16(model):
     return convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
 
 
-def reduce_precision(source: Path, target: Path, settings: QuantizationSettings) -> dict:
-    """Write `source` at `settings.precision` to `target`; returns what changed (counts, bytes)."""
+def reduce_precision(source: Path, target: Path, settings: QuantizationSettings,
+                     metadata: dict[str, str] | None = None) -> dict:
+    """Write `source` at `settings.precision` to `target` (`metadata` added to the graph's own); returns
+    what changed (counts, bytes)."""
     original = load(source)
     model = load(source)
     info: dict = {}
@@ -227,7 +229,7 @@ def reduce_precision(source: Path, target: Path, settings: QuantizationSettings)
             if keep:
                 model = _nbits(model, 8, settings, include=keep)
             info["kept_8bit"] = len(keep)
-    copy_metadata(original, model)
+    copy_metadata(original, model, metadata)
     keep_io(original, model, f"{settings.precision} conversion")
     check_prefix_kept(original, model, f"{settings.precision} conversion")
     save(model, target)
