@@ -417,7 +417,7 @@ def compile_export(folder: str | Path, out: str | Path, options, *, model: str |
             t0 = time.perf_counter()
             info, fp32_graph = compile_graph(given.graph, target.graph, spec, options,
                                              rotary_table_length(given.config, given.num_virtual_tokens),
-                                             tmp / ".compile")
+                                             tmp / ".compile", given.num_virtual_tokens, given.layout)
             new_report["compile"] = {**options.describe(), **info, "seconds": round(time.perf_counter() - t0, 3)}
             new_report["graph"] = {**report.get("graph", {}), "nodes": info.get("fusion", {}).get(
                 "nodes_after", report.get("graph", {}).get("nodes")), "weight_bytes": target.graph_bytes(),

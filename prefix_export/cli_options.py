@@ -100,6 +100,10 @@ def add_compile_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-top1", type=float, help="least top-1 agreement (default by precision)")
     group.add_argument("--min-greedy", type=float, help="least share of equal greedy continuations (default by "
                                                         "precision)")
+    group.add_argument("--kv-buffer", choices=["concat", "shared"], default="concat",
+                       help="shared (with --optimize): attention as GroupQueryAttention on one preallocated KV buffer "
+                            "per layer, written in place; fixed shapes for CUDA graphs (generate --cuda-graph). "
+                            "Default concat: the cache grows by concatenation")
     group.add_argument("--format", choices=["onnx", "ort"], default="onnx", dest="graph_format",
                        help="ort: also write model.ort and required_operators_and_types.config (ORT format, for "
                             "mobile and reduced-size ONNX Runtime builds), checked to give model.onnx's tokens")
@@ -130,4 +134,4 @@ def compile_options(args):
                                 top1_decided=default.top1_decided if args.min_top1 is None else
                                 min(default.top1_decided, max(args.min_top1, 0.0)))
     return CompileOptions(optimize=args.optimize, quantization=quantization, thresholds=thresholds,
-                          task_file=args.task_file)
+                          task_file=args.task_file, kv_buffer=args.kv_buffer)

@@ -84,7 +84,7 @@ class OrtBackend:
     """A graph on one provider, run by the shared loop (host cache on the CPU, IO binding on a GPU)."""
 
     def __init__(self, graph: Path, provider: str, threads: int, prefix: np.ndarray | None = None):
-        from ..runtime.decoder import OnnxDecoder
+        from ..runtime.decoder import make_decoder
         from ..runtime.loop import Engine
         from ..runtime.providers import device_of
         from ..runtime.sessions import create_session
@@ -92,7 +92,7 @@ class OrtBackend:
         start = time.perf_counter()
         session = create_session(graph, provider, threads=threads)
         self.session_s = time.perf_counter() - start
-        self.engine = Engine(OnnxDecoder(session, prefix), device_of(session.get_providers()[0]))
+        self.engine = Engine(make_decoder(session, prefix), device_of(session.get_providers()[0]))
 
     def stepper(self, input_ids: np.ndarray, max_new_tokens: int):
         return self.engine.stepper(input_ids, None, max_new_tokens)

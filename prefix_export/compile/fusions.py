@@ -235,7 +235,9 @@ def _topological_sort(model) -> None:
     while pending:
         ready = [n for n in pending if all(i in produced for i in n.input)]
         if not ready:
-            raise ExportFailedError(f"the fused graph has a cycle or a dangling input at {pending[0].name}")
+            missing = sorted({i for n in pending for i in n.input} - produced - {o for n in pending for o in n.output})
+            raise ExportFailedError(f"the fused graph has a cycle or a dangling input at {pending[0].name} "
+                                    f"(never produced: {missing[:3]})")
         for node in ready:
             produced.update(node.output)
         ordered += ready

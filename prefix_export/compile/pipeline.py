@@ -25,6 +25,7 @@ from .quantize import QuantizationSettings
 log = logging.getLogger(__name__)
 
 META_COMPILE = "prefix_export.compile"
+KV_BUFFERS = ("concat", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +34,18 @@ class CompileOptions:
 
     optimize: bool = False
     quantization: QuantizationSettings = QuantizationSettings()
+    kv_buffer: str = "concat"  # "shared": GroupQueryAttention on one preallocated buffer (kv_buffer.py)
     thresholds: Thresholds | None = None  # default: DEFAULT_THRESHOLDS[precision]
     task_file: str | None = None  # prompt/target JSON lines: exact match must not drop (reduced precisions)
     prompts: int = 16
     greedy_prompts: int = 8
     greedy_tokens: int = 32
+
+    def __post_init__(self):
+        if self.kv_buffer not in KV_BUFFERS:
+            raise InputError(f"--kv-buffer {self.kv_buffer!r}: choose one of {', '.join(KV_BUFFERS)}.")
+        if self.kv_buffer == "shared" and not self.optimize:
+            raise InputError("--kv-buffer shared rewrites the fused attention: add --optimize.")
 
     @property
     def precision(self) -> str:
@@ -52,7 +60,7 @@ class CompileOptions:
         return self.thresholds or DEFAULT_THRESHOLDS.get(self.precision)
 
     def describe(self) -> dict:
-        data = {"optimize": self.optimize, "quantization": self.quantization.to_dict()}
+        data = {"optimize": self.optimize, "quantization": self.quantization.to_dict(), "kv_buffer": self.kv_buffer}
         if self.precision != "fp32":
             data.update(thresholds=self.limits.to_dict(), task_file=self.task_file,
                         prompts=self.prompts, greedy_prompts=self.greedy_prompts, greedy_tokens=self.greedy_tokens)
@@ -65,28 +73,42 @@ def rotary_table_length(config: dict, num_virtual_tokens: int) -> int:
 
 
 def compile_graph(source_graph: Path, target_graph: Path, spec: ArchSpec, options: CompileOptions,
-                  table_length: int, workdir: Path) -> tuple[dict, Path]:
+                  table_length: int, workdir: Path, num_virtual_tokens: int = 0,
+                  layout: str = "folded") -> tuple[dict, Path]:
     """Write the compiled graph; returns (what was done, the fp32 graph it was made from).
 
-    The fp32 graph is `source_graph`, or the fused graph in `workdir` (the reference for agreement).
+    The fp32 graph is `source_graph`, or the fused (and shared-buffer) graph in `workdir` (the
+    reference for agreement).
     """
     from .fusions import expected_fusions, fuse
     from .graphio import copy_metadata, load, save
     from .quantize import reduce_precision
 
     workdir.mkdir(parents=True, exist_ok=True)
-    info: dict = {"optimize": options.optimize, "quantization": options.quantization.to_dict()}
+    info: dict = {"optimize": options.optimize, "quantization": options.quantization.to_dict(),
+                  "kv_buffer": options.kv_buffer}
     # What was done, in the graph's own metadata too (the graph may travel without its report). fuse is
     # strict, so a fused graph that is written holds every expected fusion: matched == expected.
-    summary = {"optimize": options.optimize, "quantization": info["quantization"]}
+    summary = {"optimize": options.optimize, "quantization": info["quantization"], "kv_buffer": options.kv_buffer}
     if options.optimize:
         summary["fusions"] = {kind: f"{n}/{n}" for kind, n in expected_fusions(spec)[0].items()}
     metadata = {META_COMPILE: json.dumps(summary, sort_keys=True)}
     fp32_graph = source_graph
+    if options.kv_buffer == "shared":
+        check_shareable(spec)
     if options.optimize:
-        fused = target_graph if options.precision == "fp32" else workdir / "fused.onnx"
+        last = options.precision == "fp32" and options.kv_buffer == "concat"
+        fused = target_graph if last else workdir / "fused.onnx"
         info["fusion"] = fuse(source_graph, fused, spec, table_length, metadata=metadata).to_dict()
         fp32_graph = fused
+    if options.kv_buffer == "shared":
+        from .kv_buffer import share_kv_buffer
+
+        shared = target_graph if options.precision == "fp32" else workdir / "shared.onnx"
+        model = load(fp32_graph)
+        info["shared_kv_buffer"] = share_kv_buffer(model, num_virtual_tokens, layout, spec.sliding_window)
+        save(model, shared)
+        fp32_graph = shared
     if options.precision != "fp32":
         info["conversion"] = reduce_precision(fp32_graph, target_graph, options.quantization, metadata)
     elif not options.optimize:
@@ -96,9 +118,17 @@ def compile_graph(source_graph: Path, target_graph: Path, spec: ArchSpec, option
     return info, fp32_graph
 
 
+def check_shareable(spec: ArchSpec) -> None:
+    """The shared KV buffer rewrites the fused attention: families whose attention cannot fuse are refused."""
+    reason = dict(spec.unfusable).get("attention")
+    if reason:
+        raise InputError(f"--kv-buffer shared needs fused attention, which {spec.model_type} does not have: "
+                         f"{reason}. Compile it without --kv-buffer shared.")
+
+
 def check_by_agreement(folder, fp32_graph: Path | None, peft_model, options: CompileOptions) -> ValidationReport:
     """A reduced-precision folder judged by agreement with PEFT (and the fp32 graph, when given)."""
-    from ..runtime.decoder import OnnxDecoder
+    from ..runtime.decoder import make_decoder
     from ..runtime.sessions import create_session
     from .agreement import GraphScorer, PeftScorer, judge, measure, prompt_set, read_task_file, task_exact_match
 
@@ -106,12 +136,12 @@ def check_by_agreement(folder, fp32_graph: Path | None, peft_model, options: Com
     low_memory = options.precision == "fp16"
 
     def decoder(graph: Path):
-        return OnnxDecoder(create_session(graph, "cpu", low_memory=low_memory), prefix)
+        return make_decoder(create_session(graph, "cpu", low_memory=low_memory), prefix)
 
     candidate = GraphScorer(decoder(folder.graph), options.precision)
     references = [PeftScorer(peft_model)]
     if fp32_graph is not None:
-        references.append(GraphScorer(OnnxDecoder(create_session(fp32_graph, "cpu"), prefix), "fp32 graph"))
+        references.append(GraphScorer(make_decoder(create_session(fp32_graph, "cpu"), prefix), "fp32 graph"))
     tokenizer = folder.load_tokenizer()
     vocab = folder.vocab_size or candidate.decoder.vocab_size
     prompts = prompt_set(tokenizer, vocab, options.prompts)
@@ -145,6 +175,7 @@ def options_from_report(compile_info: dict) -> CompileOptions:
                                        for k, v in compile_info.get("quantization", {}).items() if k in fields})
     thresholds = compile_info.get("thresholds")
     return CompileOptions(optimize=compile_info.get("optimize", False), quantization=settings,
+                          kv_buffer=compile_info.get("kv_buffer", "concat"),
                           thresholds=Thresholds(**thresholds) if thresholds else None,
                           task_file=compile_info.get("task_file"), prompts=compile_info.get("prompts", 16),
                           greedy_prompts=compile_info.get("greedy_prompts", 8),

@@ -63,13 +63,13 @@ def write_ort_format(folder, check_tokens: int = 8) -> dict:
 
 def check_same_tokens(folder, ort_graph: Path, steps: int) -> dict:
     """Greedy tokens of `ort_graph` and of the folder's ONNX graph on one prompt; equal, or an error."""
-    from ..runtime.decoder import OnnxDecoder
+    from ..runtime.decoder import make_decoder
     from ..runtime.loop import greedy_generate
     from ..runtime.sessions import create_session
 
     prefix = folder.read_prefix() if folder.layout == "cache" else None
-    onnx_decoder = OnnxDecoder(create_session(folder.graph, "cpu"), prefix)
-    ort_decoder = OnnxDecoder(create_session(ort_graph, "cpu"), prefix)
+    onnx_decoder = make_decoder(create_session(folder.graph, "cpu"), prefix)
+    ort_decoder = make_decoder(create_session(ort_graph, "cpu"), prefix)
     vocab = onnx_decoder.vocab_size or 100
     prompt = (np.arange(7, dtype=np.int64) * 37 + 5) % vocab
     mask = np.ones((1, prompt.size), np.int64)

@@ -114,9 +114,9 @@ class DecoderFolded(ExportKind):
 
     def open_for_validation(self, folder: ExportFolder, dtype: str = "float32"):
         """(the decoder validation drives, where its prefix is checked: {"graph_file"|"prefix_kv_file": path})."""
-        from ..runtime.decoder import OnnxDecoder
+        from ..runtime.decoder import make_decoder
 
-        return OnnxDecoder(_validation_session(folder.graph, dtype)), {"graph_file": folder.graph}
+        return make_decoder(_validation_session(folder.graph, dtype)), {"graph_file": folder.graph}
 
     frees_model = True
 
@@ -140,10 +140,10 @@ class DecoderFolded(ExportKind):
         """Phase 2 for another task's adapter file on this swappable graph, through ONNX Runtime's own
         adapter mechanism (RunOptions.add_active_adapter); the prefix check reads the adapter."""
         from ..runtime import adapters
-        from ..runtime.decoder import OnnxDecoder
+        from ..runtime.decoder import make_decoder
         from ..validate.decoder import validate_graph
 
-        decoder = OnnxDecoder(_validation_session(folder.graph, reference.dtype))
+        decoder = make_decoder(_validation_session(folder.graph, reference.dtype))
         prefix = adapters.activate(decoder, adapter_file)
         return validate_graph(decoder, reference, tolerances, prefix_kv_file=prefix)
 
@@ -156,9 +156,9 @@ class DecoderCache(DecoderFolded):
         return wrappers.PrefixFoldedDecoder(model, None, spec.num_layers)  # the plain base decoder
 
     def open_for_validation(self, folder, dtype="float32"):
-        from ..runtime.decoder import OnnxDecoder
+        from ..runtime.decoder import make_decoder
 
-        decoder = OnnxDecoder(_validation_session(folder.graph, dtype), folder.read_prefix())
+        decoder = make_decoder(_validation_session(folder.graph, dtype), folder.read_prefix())
         return decoder, {"prefix_kv_file": folder.prefix_file}
 
 

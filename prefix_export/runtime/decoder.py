@@ -195,3 +195,14 @@ class OnnxSeq2Seq:
         feeds.update(zip(self.self_past_names + self.cross_past_names, past))
         outputs = self.decoder.run(self.decoder_output_names, feeds)
         return outputs[0], outputs[1:]
+
+
+def make_decoder(session, prefix: np.ndarray | None = None, adapter=None):
+    """The runner for `session`'s graph: a shared-KV-buffer graph's (compile --kv-buffer shared), else OnnxDecoder."""
+    from ..compile.kv_buffer import is_shared_buffer_graph
+
+    if is_shared_buffer_graph(i.name for i in session.get_inputs()):
+        from .shared_buffer import SharedBufferDecoder
+
+        return SharedBufferDecoder(session, prefix, adapter)
+    return OnnxDecoder(session, prefix, adapter)

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import InputError
 from ..folder import ExportFolder, read_prefix_file
 from . import adapters
-from .decoder import OnnxDecoder, OnnxSeq2Seq, pad_batch
+from .decoder import OnnxSeq2Seq, make_decoder, pad_batch
 from .loop import Engine, GenerationConfig, Seq2SeqStepper, Step, generate
 from .providers import ALIASES, TENSORRT
 from .sessions import SessionSettings, open_session
@@ -113,10 +113,11 @@ class ExportRunner(_TextRunner):
         self.opened = open_session(self.folder, self.settings)
         self.tokenizer = self.folder.load_tokenizer()
         prefix = self.folder.read_prefix() if self.folder.layout == "cache" else None
-        decoder = OnnxDecoder(self.opened.session, prefix)
+        decoder = make_decoder(self.opened.session, prefix)
         if adapter is not None:  # another task's prefix for this swappable folded graph (adapters.py)
             adapters.activate(decoder, adapter)
-        self.engine = Engine(decoder, self.opened.device, self.settings.device_id, io_binding)
+        self.engine = Engine(decoder, self.opened.device, self.settings.device_id, io_binding,
+                             cuda_graph=self.opened.cuda_graph)
         self.vocab_size = self.engine.decoder.vocab_size or self.folder.vocab_size
 
     def resolve_prefixes(self, prefixes, batch: int) -> list[np.ndarray] | None:

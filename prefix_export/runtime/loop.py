@@ -70,9 +70,14 @@ def decode(stepper, config: GenerationConfig, out: np.ndarray | None = None) -> 
     sampler = Sampler(config.sampling)
     stops = np.array(sorted(set(config.stop_token_ids)), np.int64)
     finished = np.zeros(batch, bool)
+    # greedy on a graph that has its own argmax (shared-buffer graphs): only token ids leave the device
+    device_greedy = config.temperature == 0 and hasattr(stepper, "step_greedy")
     for index in range(config.max_new_tokens):
-        logits = stepper.step(tokens)  # (B, s, V)
-        chosen = sampler(logits[:, -1, :]).astype(np.int64, copy=False)
+        if device_greedy:
+            chosen = stepper.step_greedy(tokens)  # (B,)
+        else:
+            logits = stepper.step(tokens)  # (B, s, V)
+            chosen = sampler(logits[:, -1, :]).astype(np.int64, copy=False)
         if stops.size:
             chosen[finished] = config.pad_token_id
             finished |= np.isin(chosen, stops)
@@ -98,11 +103,25 @@ def generate(stepper, config: GenerationConfig, on_step: Callable[[Step], None] 
 def greedy_generate(decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray | None,
                     max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
     """Greedy tokens (B, <= max_new_tokens) of a decoder graph, host cache (what validation runs)."""
-    stepper = DecoderStepper(decoder, input_ids, attention_mask, max_new_tokens)
+    stepper = make_stepper(decoder, input_ids, attention_mask, max_new_tokens)
     return generate(stepper, GenerationConfig.greedy(max_new_tokens, eos_token_id))
 
 
 # ---- decoder-only ----------------------------------------------------------------------------------
+
+
+def make_stepper(decoder, input_ids: np.ndarray, attention_mask: np.ndarray | None, max_new_tokens: int,
+                 prefixes: list[np.ndarray] | None = None, io_binding: bool = False, device: str = "cpu",
+                 device_id: int = 0, cuda_graph: bool = False):
+    """The stepper for `decoder`: a shared-KV-buffer graph's own (always bound, fixed shapes), else
+    DecoderStepper with the cache on the host or bound."""
+    if getattr(decoder, "shared_buffer", False):
+        from .shared_buffer import SharedBufferStepper
+
+        return SharedBufferStepper(decoder, input_ids, attention_mask, max_new_tokens, prefixes, device, device_id,
+                                   cuda_graph)
+    return DecoderStepper(decoder, input_ids, attention_mask, max_new_tokens, prefixes, io_binding, device,
+                          device_id)
 
 
 class DecoderStepper:
@@ -226,15 +245,17 @@ class BoundKV:
 class Engine:
     """A decoder graph and how its cache is carried (host or IO binding on `device`): generation runs."""
 
-    def __init__(self, decoder: OnnxDecoder, device: str = "cpu", device_id: int = 0, io_binding: bool | None = None):
+    def __init__(self, decoder: OnnxDecoder, device: str = "cpu", device_id: int = 0, io_binding: bool | None = None,
+                 cuda_graph: bool = False):
         self.decoder = decoder
         self.device, self.device_id = device, device_id
         self.io_binding = (device != "cpu") if io_binding is None else io_binding
+        self.cuda_graph = cuda_graph  # the session was made with enable_cuda_graph (shared-buffer graphs)
 
     def stepper(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, max_new_tokens: int,
-                prefixes: list[np.ndarray] | None = None) -> DecoderStepper:
-        return DecoderStepper(self.decoder, input_ids, attention_mask, max_new_tokens, prefixes, self.io_binding,
-                              self.device, self.device_id)
+                prefixes: list[np.ndarray] | None = None):
+        return make_stepper(self.decoder, input_ids, attention_mask, max_new_tokens, prefixes, self.io_binding,
+                            self.device, self.device_id, self.cuda_graph)
 
     def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                config: GenerationConfig = GenerationConfig(), prefixes: list[np.ndarray] | None = None,

@@ -32,6 +32,7 @@ class SessionSettings:
     device_id: int = 0
     threads: int | None = None  # intra-op threads (CPU)
     tf32: bool = False  # CUDA matmuls in TF32 (faster, not fp32-exact)
+    cuda_graph: bool = False  # CUDA: decode steps of a shared-KV-buffer graph replayed as one CUDA graph
 
 
 @dataclasses.dataclass
@@ -42,6 +43,7 @@ class OpenedSession:
     fell_back: bool
     limits: providers.ShapeLimits | None  # the TensorRT profile, when TensorRT runs it
     options: dict[str, str]
+    cuda_graph: bool = False  # made with enable_cuda_graph (decode steps captured once, then replayed)
 
     @property
     def device(self) -> str:
@@ -78,6 +80,12 @@ def open_session(folder: ExportFolder | str | Path, settings: SessionSettings | 
     try:
         provider = providers.resolve_provider(settings.provider)
         options, limits = build_provider_options(folder, provider, settings)
+        if settings.cuda_graph and _cuda_graph_possible(graph, provider):
+            try:
+                session = create_session(graph, provider, {**options, "enable_cuda_graph": "1"}, settings.threads)
+                return OpenedSession(session, provider, settings.provider, False, limits, options, cuda_graph=True)
+            except RuntimeSetupError as exc:
+                log.warning("CUDA graphs are not possible for %s, decode steps run uncaptured: %s", graph, exc)
         session = create_session(graph, provider, options, settings.threads,
                                  low_memory=_needs_low_memory(folder, graph, provider))
     except RuntimeSetupError as exc:
@@ -88,6 +96,21 @@ def open_session(folder: ExportFolder | str | Path, settings: SessionSettings | 
                                  low_memory=_needs_low_memory(folder, graph, providers.CPU))
         return OpenedSession(session, providers.CPU, settings.provider, True, None, {})
     return OpenedSession(session, provider, settings.provider, False, limits, options)
+
+
+def _cuda_graph_possible(graph: Path, provider: str) -> bool:
+    """CUDA graphs need the CUDA provider and fixed shapes and addresses, which only a shared-KV-buffer graph
+    (compile --kv-buffer shared) has; otherwise a log line says why the steps run uncaptured."""
+    from ..compile.kv_buffer import is_shared_buffer_graph
+
+    if provider != providers.CUDA:
+        log.warning("--cuda-graph: only the CUDA provider captures CUDA graphs; %s runs uncaptured", provider)
+        return False
+    if not is_shared_buffer_graph(providers.graph_inputs(graph)):
+        log.warning("--cuda-graph: %s changes shape every step (its cache grows); CUDA graphs need a graph "
+                    "compiled with --kv-buffer shared. Running uncaptured.", graph)
+        return False
+    return True
 
 
 def available_memory_bytes() -> int | None:
