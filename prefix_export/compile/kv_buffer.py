@@ -133,7 +133,7 @@ def _layer_of(past_name: str) -> int:
     return int(past_name.split(".")[1])
 
 
-def share_kv_buffer(model, num_virtual_tokens: int, layout: str, sliding_window: int | None = None) -> dict:
+def share_kv_buffer(model, num_virtual_tokens: int, layout: str) -> dict:
     """Rewrite `model` (a fused graph, in place) onto GroupQueryAttention with shared past/present buffers.
 
     Returns what was done ({"layers": L, "form": ..., "layout": ...}). Raises SharedBufferError when an
@@ -245,8 +245,6 @@ def share_kv_buffer(model, num_virtual_tokens: int, layout: str, sliding_window:
         scale = _attr(mha, "scale")
         if scale:
             attrs["scale"] = float(scale)
-        if sliding_window:
-            attrs["local_window_size"] = int(sliding_window) - 1  # GQA counts the keys besides the query's own
         from onnx import helper as _h
 
         graph.added.append(_h.make_node("GroupQueryAttention", [q, k_bsd, v_bsd, pasts[0], pasts[1], SEQLENS_K,
@@ -278,8 +276,7 @@ def share_kv_buffer(model, num_virtual_tokens: int, layout: str, sliding_window:
 
     _topological_sort(model)  # the added nodes went in at the end
     del g.value_info[:]  # shapes of tensors that changed; ONNX Runtime infers them again
-    info = {"layers": num_layers, "form": sorted(forms), "layout": layout, "prefix_in_graph": bool(P),
-            "sliding_window": sliding_window}
+    info = {"layers": num_layers, "form": sorted(forms), "layout": layout, "prefix_in_graph": bool(P)}
     metadata = {META_KV_BUFFER: json.dumps({"layout": layout, "num_virtual_tokens": num_virtual_tokens},
                                            sort_keys=True)}
     from .graphio import copy_metadata

@@ -264,10 +264,11 @@ def generate_from_folder(folder: str | Path, prompts: list[str] | None = None, t
                          max_new_tokens: int = 32, provider: str = "cpu", *, fallback: str | None = None,
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                          stop: list[int] | None = None, prefixes: list | None = None, max_batch: int | None = None,
-                         max_length: int | None = None, fp16: bool = False,
+                         max_length: int | None = None, fp16: bool = False, cuda_graph: bool = False,
                          on_step: Callable[[Step], None] | None = None, adapter: str | Path | None = None) -> dict:
     """The library call behind `prefix-export generate` (token ids as "1,2,3" strings, as on the CLI)."""
-    settings = SessionSettings(provider=provider, fallback=fallback, fp16=fp16, max_total_length=max_length)
+    settings = SessionSettings(provider=provider, fallback=fallback, fp16=fp16, max_total_length=max_length,
+                               cuda_graph=cuda_graph)
     if max_batch is not None:
         settings.max_batch = max_batch
     runner = open_runner(folder, settings, adapter)
