@@ -256,3 +256,23 @@ def test_generate_cli_on_a_shared_buffer_export(shared_exports, capsys):
 
     rows = [r["new_token_ids"] for r in json.loads(got[got.index("{"):])["rows"]]
     assert rows == [r["new_token_ids"] for r in json.loads(want[want.index("{"):])["rows"]]
+
+
+@pytest.mark.parametrize("layout", ["folded", "cache"])
+def test_later_generations_reuse_the_buffers_a_graph_was_captured_on(layout, shared_exports):
+    """A captured CUDA graph replays the addresses it was captured with: a second generation of the same
+    batch size and buffer length runs on the same buffers, and its tokens do not depend on what the
+    first one left there (a longer prompt first, then a shorter one)."""
+    decoder = _decoder(shared_exports[layout][0])
+    config = GenerationConfig(max_new_tokens=8)
+    first = make_stepper(decoder, np.array([ROWS[0]]), None, 8, cuda_graph=True)
+    assert first.capacity % 256 == 0 and first.capacity >= decoder.prefix_length + len(ROWS[0]) + 8
+    generate(first, config)
+    second = make_stepper(decoder, np.array([ROWS[1]]), None, 8, cuda_graph=True)
+    assert second.state is first.state and [b.data_ptr() for b in second.buffers] == [b.data_ptr() for b in
+                                                                                     first.buffers]
+    reused = generate(second, config)
+    fresh = generate(make_stepper(_decoder(shared_exports[layout][0]), np.array([ROWS[1]]), None, 8), config)
+    np.testing.assert_array_equal(reused, fresh)
+    other_batch = make_stepper(decoder, np.array([ROWS[1], ROWS[1]]), None, 8, cuda_graph=True)
+    assert other_batch.state is not first.state and other_batch.state.graph_id != first.state.graph_id

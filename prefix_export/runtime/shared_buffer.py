@@ -11,8 +11,11 @@ tensor, allocated once, bound as both past and present so ONNX Runtime writes ea
                         (B,), total_sequence_length = T_max, the buffers, logits (B, 1, V) and
                         greedy_token_ids (B, 1) in fixed device buffers. That is what CUDA graphs
                         need: with `cuda_graph`, decode steps run as ONNX Runtime's captured graph
-                        (gpu_graph_id 1) and prompts uncaptured (gpu_graph_id -1). Greedy decoding
-                        takes the graph's own argmax, so only B token ids cross to the host per step.
+                        (one gpu_graph_id per batch size and buffer length) and prompts uncaptured
+                        (gpu_graph_id -1). The buffers are the decoder's (DecodeState), kept between
+                        generations, so a replay sees the addresses it was captured with; one
+                        generation at a time per decoder. Greedy decoding takes the graph's own
+                        argmax, so only B token ids cross to the host per step.
 
 Row layout in a buffer: [prefix (P) | prompt (L_b) | new tokens ...], seqlens_k[b] = tokens - 1.
 """
@@ -30,7 +33,7 @@ from .decoder import ORT_TO_NUMPY
 
 log = logging.getLogger(__name__)
 
-_NO_CAPTURE, _DECODE_GRAPH = "-1", "1"
+_NO_CAPTURE = "-1"  # ONNX Runtime's gpu_graph_id for a run that is not captured
 
 
 class SharedBufferDecoder:
@@ -69,9 +72,9 @@ class SharedBufferDecoder:
         logits = next(o for o in session.get_outputs() if o.name == contract.LOGITS)
         self.logits_dtype = ORT_TO_NUMPY.get(logits.type, np.float32)
         self.vocab_size = logits.shape[2] if isinstance(logits.shape[2], int) else None
-        if self.graph_layout == "cache":
-            if prefix is None:
-                raise InputError("a cache-layout shared-buffer graph needs its prefix (prefix_kv.safetensors).")
+        if self.graph_layout == "cache" and prefix is None:
+            self.prefix, self.prefix_length = None, 0  # the base model alone (bench's "base" rows)
+        elif self.graph_layout == "cache":
             want = (self.num_layers, 2, self.num_kv_heads, self.head_dim)
             if (prefix.shape[0], prefix.shape[1], prefix.shape[2], prefix.shape[4]) != want:
                 raise InputError(f"the prefix has shape {tuple(prefix.shape)} (L, 2, H_kv, P, D); this graph needs "
@@ -81,6 +84,16 @@ class SharedBufferDecoder:
         else:
             self.prefix = None
         self._folded_prefix = None  # (L, 2, H_kv, P, D), read back from a first step (folded)
+        self._states: dict[tuple, DecodeState] = {}
+
+    def decode_state(self, batch: int, capacity: int, device: str, device_id: int) -> "DecodeState":
+        """The decode state for this shape, made once and reused (its addresses are what a captured CUDA
+        graph replays); one generation at a time uses it."""
+        key = (batch, capacity, device, device_id)
+        if key not in self._states:
+            graph_id = 1 + len(self._states)  # gpu_graph_id: one captured graph per state
+            self._states[key] = DecodeState(self, batch, capacity, device, device_id, graph_id)
+        return self._states[key]
 
     @property
     def layout(self) -> str:
@@ -145,7 +158,7 @@ class SharedBufferDecoder:
             capacity = P + len(old) + len(new)
             buffers = [np.zeros((1, self.num_kv_heads, capacity, self.head_dim), self.kv_dtype)
                        for _ in self.past_names]
-            if filled:
+            if filled and P:
                 prefix = self.prefix_kv()
                 for k, buffer in enumerate(buffers):
                     buffer[0, :, :P] = prefix[k // 2, k % 2]
@@ -163,14 +176,54 @@ class SharedBufferDecoder:
         return logits, presents
 
 
+CAPACITY_STEP = 256  # with CUDA graphs, buffers come in lengths of multiples of this: one graph per size
+
+
+class DecodeState:
+    """Everything a decode step binds, allocated once per (batch, T_max, device) and kept by the decoder:
+    a CUDA graph captured on these addresses replays correctly in every later generation that uses them.
+
+    buffers      per cache tensor (B, H_kv, T_max, D), the prefix in each row's first P slots (cache layout)
+    step_*       the decode step's inputs (B, 1) ids and positions, (B,) seqlens_k, T_max as the total,
+                 and outputs (B, 1, V) logits, (B, 1) greedy ids, updated in place
+    """
+
+    def __init__(self, decoder: "SharedBufferDecoder", batch: int, capacity: int, device: str, device_id: int,
+                 graph_id: int):
+        import onnxruntime as ort
+
+        self.batch, self.capacity, self.graph_id = batch, capacity, graph_id
+        P = decoder.prefix_length
+        shape = (batch, decoder.num_kv_heads, capacity, decoder.head_dim)
+        # On the CPU an OrtValue made from numpy shares its memory: one array per buffer, kept alive here.
+        self.host_buffers, self.buffers = [], []
+        for k in range(len(decoder.past_names)):
+            initial = np.zeros(shape, decoder.kv_dtype)
+            if decoder.graph_layout == "cache" and P:
+                initial[:, :, :P] = decoder.prefix[k // 2, k % 2]  # written once; tokens only go after it
+            self.host_buffers.append(initial)
+            self.buffers.append(ort.OrtValue.ortvalue_from_numpy(initial, device, device_id))
+        self.row_bytes = self.host_buffers[0][0].nbytes
+        if device != "cpu":
+            self.host_buffers = []  # the device holds its own copy
+        self.step_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, device_id)
+        self.step_positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, device_id)
+        self.step_seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int32), device, device_id)
+        self.step_total = np.array(capacity, np.int32)  # T_max, constant: a captured graph replays it
+        vocab = decoder.vocab_size or int(next(o for o in decoder.session.get_outputs()
+                                               if o.name == contract.LOGITS).shape[2])
+        self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, vocab], decoder.logits_dtype, device,
+                                                                     device_id)
+        self.step_greedy_ids = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1], np.int64, device, device_id)
+        self.binding = None  # the decode step's IO binding, made on first use
+
+
 class SharedBufferStepper:
     """The decode loop's side for a shared-buffer graph; see the module docstring."""
 
     def __init__(self, decoder: SharedBufferDecoder, input_ids: np.ndarray, attention_mask: np.ndarray | None,
                  max_new_tokens: int, prefixes: list[np.ndarray] | None = None, device: str = "cpu",
                  device_id: int = 0, cuda_graph: bool = False):
-        import onnxruntime as ort
-
         if prefixes:
             raise InputError("per-row prefixes are not supported on a shared-KV-buffer graph; give one prefix.")
         input_ids = np.asarray(input_ids, np.int64)
@@ -183,34 +236,27 @@ class SharedBufferStepper:
         self.decoder, self.session = decoder, decoder.session
         self.device, self.device_id = device, device_id
         self.batch = len(self.rows)
-        P = decoder.prefix_length
-        self.capacity = P + max(len(r) for r in self.rows) + max_new_tokens  # T_max
-        shape = (self.batch, decoder.num_kv_heads, self.capacity, decoder.head_dim)
-        # On the CPU an OrtValue made from numpy shares its memory: one array per buffer, kept alive here.
-        self.host_buffers, self.buffers = [], []
-        for k in range(len(decoder.past_names)):
-            initial = np.zeros(shape, decoder.kv_dtype)
-            if decoder.graph_layout == "cache":
-                initial[:, :, :P] = decoder.prefix[k // 2, k % 2]  # the prefix, written once per generation
-            self.host_buffers.append(initial)
-            self.buffers.append(ort.OrtValue.ortvalue_from_numpy(initial, device, device_id))
-        self.row_bytes = self.host_buffers[0][0].nbytes
+        needed = decoder.prefix_length + max(len(r) for r in self.rows) + max_new_tokens  # T_max
+        # CUDA graphs replay fixed shapes: buffer lengths in steps of CAPACITY_STEP, one captured graph each
+        capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP if cuda_graph else needed
+        self.state = decoder.decode_state(self.batch, capacity, device, device_id)
+        self.capacity = capacity
         self.filled = np.zeros(self.batch, np.int64)  # tokens in each row's buffer
         self.first_tokens = input_ids
         self.steps = 0
         self.cuda_graph = cuda_graph  # the session was made with enable_cuda_graph
         self.capture = cuda_graph  # decode steps as the captured graph (off after a failed capture)
-        # decode-step I/O: fixed device buffers, updated in place (fixed addresses for CUDA graphs)
-        self.step_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((self.batch, 1), np.int64), device, device_id)
-        self.step_positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((self.batch, 1), np.int64), device, device_id)
-        self.step_seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.batch, np.int32), device, device_id)
-        self.step_total = np.array(self.capacity, np.int32)  # T_max, constant: a captured graph replays it
-        vocab = decoder.vocab_size or int(self.session.get_outputs()[0].shape[2])
-        self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type([self.batch, 1, vocab], decoder.logits_dtype,
-                                                                     device, device_id)
-        self.step_greedy_ids = ort.OrtValue.ortvalue_from_shape_and_type([self.batch, 1], np.int64, device, device_id)
-        self.decode_binding = None
-        self.run_options = {flag: self._run_options(flag) for flag in (_NO_CAPTURE, _DECODE_GRAPH)}
+        self.run_options = {flag: self._run_options(flag) for flag in (_NO_CAPTURE, str(self.state.graph_id))}
+
+    # the state's buffers under the names the loop and tests read
+    buffers = property(lambda self: self.state.buffers)
+    step_ids = property(lambda self: self.state.step_ids)
+    step_positions = property(lambda self: self.state.step_positions)
+    step_seqlens = property(lambda self: self.state.step_seqlens)
+    step_total = property(lambda self: self.state.step_total)
+    step_logits = property(lambda self: self.state.step_logits)
+    step_greedy_ids = property(lambda self: self.state.step_greedy_ids)
+    decode_binding = property(lambda self: self.state.binding)
 
     @staticmethod
     def _run_options(graph_id: str):
@@ -236,7 +282,7 @@ class SharedBufferStepper:
             binding.bind_cpu_input(SEQLENS_K, np.array([total - 1], np.int32))
             binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
             for name, present, buffer in zip(decoder.past_names, decoder.present_names, self.buffers):
-                pointer = buffer.data_ptr() + row * self.row_bytes  # row `row` of (B, H_kv, T_max, D)
+                pointer = buffer.data_ptr() + row * self.state.row_bytes  # row `row` of (B, H_kv, T_max, D)
                 binding.bind_input(name, self.device, self.device_id, decoder.kv_dtype, kv_shape, pointer)
                 binding.bind_output(present, self.device, self.device_id, decoder.kv_dtype, kv_shape, pointer)
             binding.bind_output(contract.LOGITS)
@@ -272,15 +318,15 @@ class SharedBufferStepper:
         self.step_ids.update_inplace(np.ascontiguousarray(tokens.reshape(self.batch, 1), np.int64))
         self.step_positions.update_inplace(positions.reshape(self.batch, 1).astype(np.int64))
         self.step_seqlens.update_inplace(self.filled.astype(np.int32))  # tokens after this one, - 1
-        if self.decode_binding is None:
-            self.decode_binding = self._decode_binding()
+        if self.state.binding is None:
+            self.state.binding = self._decode_binding()
         if not self.cuda_graph:
             self.session.run_with_iobinding(self.decode_binding)
         elif not self.capture:
             self.session.run_with_iobinding(self.decode_binding, self.run_options[_NO_CAPTURE])
         else:
             try:
-                self.session.run_with_iobinding(self.decode_binding, self.run_options[_DECODE_GRAPH])
+                self.session.run_with_iobinding(self.decode_binding, self.run_options[str(self.state.graph_id)])
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types
                 log.warning("CUDA graph capture failed, decode steps run uncaptured from here: %s", exc)
                 self.capture = False
