@@ -29,9 +29,7 @@ from tiny_models import make_prefix, save_tiny_model, tiny_config
 SHARED = CompileOptions(optimize=True, kv_buffer="shared")
 DECODER_SPECS = {t: architectures.describe(tiny_config(t)) for t in architectures.supported_model_types()
                  if architectures.describe(tiny_config(t)).family == architectures.FAMILY_DECODER}
-# what --kv-buffer shared takes: fused attention, no sliding window (refused, see below)
-FUSED_ATTENTION = [t for t, spec in DECODER_SPECS.items()
-                   if "attention" in expected_fusions(spec)[0] and not spec.sliding_window]
+FUSED_ATTENTION = [t for t, spec in DECODER_SPECS.items() if "attention" in expected_fusions(spec)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def shared_exports(tmp_path_factory, family):
 
 
 def test_the_families_with_fused_attention_are_the_registry_s():
-    assert {"gpt2", "llama", "falcon", "gptj", "phi3", "qwen2", "qwen3"} <= set(FUSED_ATTENTION)
+    assert {"gpt2", "llama", "mistral", "falcon", "gptj", "phi3", "qwen2", "qwen3"} <= set(FUSED_ATTENTION)
 
 
 @pytest.mark.parametrize("layout", ["folded", "cache"])
@@ -86,6 +84,9 @@ def test_shared_buffer_graph_validates_against_peft(model_type, layout, family, 
     inputs = [i.name for i in graph.graph.input]
     assert "attention_mask" not in inputs and inputs[-2:] == [kv_buffer.SEQLENS_K, kv_buffer.TOTAL_SEQUENCE_LENGTH]
     assert [o.name for o in graph.graph.output][-1] == kv_buffer.GREEDY_TOKEN_IDS
+    window = [a.i for n in graph.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+              if a.name == "local_window_size"]
+    assert window == ([spec.sliding_window] * spec.num_layers if spec.sliding_window else [])
 
 
 @pytest.mark.parametrize("layout", ["folded", "cache"])
@@ -128,10 +129,7 @@ def test_families_without_fused_attention_are_refused(family, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="--optimize"):
         CompileOptions(kv_buffer="shared")
-    model, prefix = family("mistral")  # a sliding window: not reproduced by the shared-buffer attention yet
-    with pytest.raises(InputError, match="sliding window"):
-        export_prefix_model(str(model), prefix, tmp_path / "out", progress=False, compile_options=SHARED)
-    assert not (tmp_path / "out").exists()
+
 
 
 def test_cli_refuses_shared_buffer_without_optimize(family, tmp_path, capsys):

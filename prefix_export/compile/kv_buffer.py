@@ -133,7 +133,7 @@ def _layer_of(past_name: str) -> int:
     return int(past_name.split(".")[1])
 
 
-def share_kv_buffer(model, num_virtual_tokens: int, layout: str) -> dict:
+def share_kv_buffer(model, num_virtual_tokens: int, layout: str, sliding_window: int | None = None) -> dict:
     """Rewrite `model` (a fused graph, in place) onto GroupQueryAttention with shared past/present buffers.
 
     Returns what was done ({"layers": L, "form": ..., "layout": ...}). Raises SharedBufferError when an
@@ -245,6 +245,11 @@ def share_kv_buffer(model, num_virtual_tokens: int, layout: str) -> dict:
         scale = _attr(mha, "scale")
         if scale:
             attrs["scale"] = float(scale)
+        if sliding_window:
+            # ONNX Runtime 1.32's CPU kernel with local_window_size = W gives transformers' window of W keys
+            # (the query's own among them) exactly: measured on tiny mistral, W = 8, P = 5, 12 tokens (W - 1 and
+            # W + 1 are off by 0.1-0.4 in the logits). The GPU check compares the CUDA kernel's tokens with PEFT's.
+            attrs["local_window_size"] = int(sliding_window)
         from onnx import helper as _h
 
         graph.added.append(_h.make_node("GroupQueryAttention", [q, k_bsd, v_bsd, pasts[0], pasts[1], SEQLENS_K,
@@ -276,7 +281,8 @@ def share_kv_buffer(model, num_virtual_tokens: int, layout: str) -> dict:
 
     _topological_sort(model)  # the added nodes went in at the end
     del g.value_info[:]  # shapes of tensors that changed; ONNX Runtime infers them again
-    info = {"layers": num_layers, "form": sorted(forms), "layout": layout, "prefix_in_graph": bool(P)}
+    info = {"layers": num_layers, "form": sorted(forms), "layout": layout, "prefix_in_graph": bool(P),
+            "sliding_window": sliding_window}
     metadata = {META_KV_BUFFER: json.dumps({"layout": layout, "num_virtual_tokens": num_virtual_tokens},
                                            sort_keys=True)}
     from .graphio import copy_metadata

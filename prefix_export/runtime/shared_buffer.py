@@ -40,6 +40,9 @@ class SharedBufferDecoder:
     """A shared-buffer graph's session, its prefix (cache layout) and its shapes."""
 
     shared_buffer = True
+    # `run` computes each row of a padded batch unpadded, as GroupQueryAttention does; with a sliding window
+    # that is not what transformers gives the padded batch (its window counts the pad slots)
+    runs_rows_alone = True
 
     def __init__(self, session, prefix: np.ndarray | None = None, adapter=None):
         if adapter is not None:

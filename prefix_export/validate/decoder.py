@@ -157,13 +157,15 @@ def _check_outputs(report: ValidationReport, check: str, decoder: OnnxDecoder, l
     return check_shapes_and_finite(report, check, expected_names, [logits, *presents], want)
 
 
-def _compare_step(report, check, tolerances, logits, presents, reference, reference64, mask_new, mask_total, names):
-    """Logits over the rows' real positions, then every present over the positions the reference holds."""
+def _compare_step(report, check, tolerances, logits, presents, reference, reference64, mask_new, mask_total, names,
+                  rows_alone=False):
+    """Logits over the rows' real positions, then every present over the positions the reference holds.
+    `rows_alone`: the decoder computes each row unpadded (shared-KV-buffer graphs; see report.compare)."""
     ref_logits, ref_presents = reference
     ref64_logits, ref64_presents = reference64 if reference64 is not None else (None, [None] * len(ref_presents))
     report.comparisons.append(compare(check, contract.LOGITS, logits, ref_logits,
                                       tolerances.for_output(contract.LOGITS), mask_new[:, :, None].astype(bool),
-                                      ref64_logits, tolerances))
+                                      ref64_logits, tolerances, rows_alone))
     where = mask_total[:, None, :, None].astype(bool)
     for name, actual, ref, ref64 in zip(names, presents, ref_presents, ref64_presents):
         kept = ref.shape[2]
@@ -175,7 +177,7 @@ def _compare_step(report, check, tolerances, logits, presents, reference, refere
         else:
             layer_where = where
         report.comparisons.append(compare(check, name, actual, ref, tolerances.for_output(name), layer_where, ref64,
-                                          tolerances))
+                                          tolerances, rows_alone))
 
 
 def check_folded_prefix(report: ValidationReport, graph_file, reference: DecoderReference, tolerances: Tolerances,
@@ -256,6 +258,9 @@ def _run_checks(report, decoder, reference: DecoderReference, tolerances, tick) 
     """Checks 1-4 (names/shapes/finiteness are checked on every step before its values)."""
     names = contract.present_names(decoder.num_layers)
     vocab_size = reference.vocab_size
+    rows_alone = bool(getattr(decoder, "runs_rows_alone", False))
+    if rows_alone:
+        report.settings["rows_alone"] = True
     # 2. prefill: left-padded batch, positions from the mask.
     ids, mask = reference.ids, reference.mask
     positions = positions_from_mask(mask)
@@ -264,7 +269,7 @@ def _run_checks(report, decoder, reference: DecoderReference, tolerances, tick) 
     structure_ok = _check_outputs(report, "prefill", decoder, logits, presents, batch, seq, seq, vocab_size)
     if structure_ok:
         _compare_step(report, "prefill", tolerances, logits, presents, reference.prefill, reference.prefill64, mask,
-                      mask, names)
+                      mask, names, rows_alone)
     tick("prefill")
 
     # 3. decode: feed the graph's own presents back; the reference's fixed random next tokens.
@@ -278,7 +283,7 @@ def _run_checks(report, decoder, reference: DecoderReference, tolerances, tick) 
             break
         _compare_step(report, check, tolerances, logits, past, reference.decode[step],
                       reference.decode64[step] if reference.decode64 else None, np.ones((batch, 1), np.int64),
-                      all_mask, names)
+                      all_mask, names, rows_alone)
         tick(check)
 
     # 4. greedy, token for token, one prompt at a time (batch 1, no padding).
