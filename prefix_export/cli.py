@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt or a full ORT provider name")
     generate.add_argument("--fallback", choices=["cpu"], help="run on the CPU (with a warning) if --provider cannot")
+    generate.add_argument("--cuda-graph", action="store_true",
+                          help="CUDA: replay decode steps as one captured CUDA graph (needs a graph compiled with "
+                               "--kv-buffer shared; otherwise, or if capture fails, a log line says so and steps run "
+                               "uncaptured)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run onnxruntime-genai (folded) and OpenVINO's Python API (both layouts) on every "
                             "export graph, as the runtimes a user would pick instead; their tokens are checked "
                             "against ours")
+    bench.add_argument("--torch-compile", action="store_true",
+                       help="also run PEFT with its decode steps through torch.compile (mode reduce-overhead, CUDA "
+                            "graphs, on CUDA; inductor's default mode on the CPU) on a static cache, wherever eager "
+                            "runs; each batch size and context is compiled before the timing (minutes on big models)")
     bench.add_argument("--no-base", action="store_true",
                        help="skip the base-model export (no prefix cost, and no cache layout)")
     bench.add_argument("--no-cache-layout", action="store_true",
@@ -305,7 +313,8 @@ def cmd_generate(args) -> int:
         args.out_dir, prompts=args.prompt, token_ids=args.token_ids, max_new_tokens=args.max_new_tokens,
         provider=args.provider, fallback=args.fallback, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=args.stop, prefixes=args.prefix_kv, max_batch=args.max_batch,
-        max_length=args.max_length, fp16=args.fp16, on_step=on_step if streaming else None, adapter=args.adapter)
+        max_length=args.max_length, fp16=args.fp16, cuda_graph=args.cuda_graph,
+        on_step=on_step if streaming else None, adapter=args.adapter)
     if args.json:
         print(json.dumps(result, indent=2))
     elif streaming:
@@ -369,6 +378,7 @@ def cmd_bench(args) -> int:
                              precisions=tuple(dict.fromkeys(["fp32", *(args.precision or [])])),
                              optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
                              cache_layout=not args.no_cache_layout, peers=args.peers,
+                             torch_compile=args.torch_compile,
                              threads=args.threads, bandwidth_mb=args.bandwidth_mb,
                              agreement_model=Path(agreement) if agreement else None,
                              targets=load_targets(args.targets) if args.targets else None)

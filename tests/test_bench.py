@@ -257,3 +257,143 @@ def test_plot_of_a_single_configuration_shows_bars_and_the_floor():
     floor = [line for line in ax.get_lines() if line.get_label() == "fp32 bandwidth floor"]
     assert len(floor) == 1 and set(floor[0].get_ydata()) == {5.0}
     plt.close(fig)
+
+
+# ---- torch.compile (`bench --torch-compile`) ------------------------------------------------------
+# Real inductor compiles (no dynamo backend override): a few seconds per shape on these tiny models.
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def lively_prefixed(request, tmp_path_factory):
+    """A tiny model with large random weights (varied greedy tokens) and its PEFT prefix (P=4), loaded."""
+    from tiny_models import make_prefix, save_tiny_model, tiny_config
+
+    from prefix_export.api import load_prefix_model
+
+    root = tmp_path_factory.mktemp(f"lively_{request.param}")
+    save_tiny_model(tiny_config(request.param, initializer_range=0.3), root / "model", seed=1)
+    adapter = make_prefix(root / "model", root / "adapter", 4, projection=True, trained=True)
+    return load_prefix_model(str(root / "model"), adapter)
+
+
+class _Recording:
+    """A stepper that keeps each step's logits (B, 1, V) of the stepper it wraps."""
+
+    def __init__(self, stepper):
+        self.stepper, self.first_tokens, self.logits = stepper, stepper.first_tokens, []
+
+    def step(self, tokens):
+        self.logits.append(self.stepper.step(tokens))
+        return self.logits[-1]
+
+
+def test_torch_compile_picks_eager_tokens_with_one_graph_per_shape(lively_prefixed):
+    """torch.compile of the decode steps on a static cache picks eager PEFT's greedy tokens (every row, 10
+    tokens), with logits within float noise; one graph for the shape, reused by a second run (no compile in
+    a timed run)."""
+    from torch._dynamo.utils import counters
+
+    from prefix_export.bench.backends import Backend
+    from prefix_export.runtime.loop import GenerationConfig, generate
+
+    new_tokens = 10
+    peft_model = lively_prefixed.peft_model
+    compiled = Backend("torch_compile", "-", "fp32", "torch:cpu", None, 0, 4, 0.0)
+    assert compiled.name == "torch.compile (PEFT, default)" and compiled.key()["compile_mode"] == "default"
+    live = compiled.open(peft_model, 1, new_tokens)
+    eager = Backend("eager", "-", "fp32", "torch:cpu", None, 0, 4, 0.0).open(peft_model, 1)
+    prompt = np.random.default_rng(5).integers(3, lively_prefixed.base.spec.vocab_size, (2, 6))
+    reference = _Recording(eager.stepper(prompt, new_tokens))
+    expected = generate(reference, GenerationConfig.greedy(new_tokens))
+    assert len(np.unique(expected)) >= 3, expected  # varied tokens: equality below is not a repeated token
+    graphs = counters["stats"]["unique_graphs"]
+    for run_index in range(2):
+        recording = _Recording(live.stepper(prompt, new_tokens))
+        tokens = generate(recording, GenerationConfig.greedy(new_tokens))
+        np.testing.assert_array_equal(tokens, expected, err_msg=f"run {run_index}")
+        np.testing.assert_allclose(np.concatenate(recording.logits, 1), np.concatenate(reference.logits, 1),
+                                   atol=1e-4, rtol=0, err_msg=f"run {run_index}")
+        if run_index == 0:
+            compile_s = live.session_s
+            assert compile_s > 0
+    assert counters["stats"]["unique_graphs"] - graphs == 1, "one graph for one (batch, cache length)"
+    assert live.session_s == compile_s, "the second run compiled again"
+    with pytest.raises(ValueError, match="sized for 10"):
+        live.stepper(prompt, new_tokens + 1)
+    live.close()
+
+
+def test_torch_compile_refuses_a_sliding_window_shorter_than_its_cache(tmp_path):
+    """A sliding window shorter than the static cache is refused (no compile): transformers' static sliding
+    layers would recompile every step; GPT-Neo's local layers would pick other tokens."""
+    from tiny_models import make_prefix, save_tiny_model, tiny_config
+
+    from prefix_export.api import load_prefix_model
+    from prefix_export.bench.backends import Backend
+
+    save_tiny_model(tiny_config("mistral"), tmp_path / "model")  # window 8
+    adapter = make_prefix(tmp_path / "model", tmp_path / "adapter", 4, projection=True, trained=False)
+    source = load_prefix_model(str(tmp_path / "model"), adapter)
+    live = Backend("torch_compile", "-", "fp32", "torch:cpu", None, 0, 4, 0.0).open(source.peft_model, 1, 4)
+    with pytest.raises(NotImplementedError, match="sliding window of 8 positions, shorter than the static cache of 9"):
+        live.stepper(np.ones((1, 2), np.int64), 4)
+
+
+def test_torch_compile_runs_where_eager_runs_with_its_mode_named(tmp_path):
+    """`--torch-compile` with a GPU provider: on the CPU (mode default: no CUDA graphs there) and on the GPU
+    (reduce-overhead); off by default."""
+    variants = [Variant("export fp32", tmp_path / "e.onnx", "export", "fp32", 1.0, weights_read=10)]
+    settings = run.BenchSettings(providers=("cpu", "cuda"), torch_compile=True)
+    backends = {b.name: b for b in run._backends(variants, settings, object(), 3, None, "folded", True)}
+    assert set(backends) == {"eager (PEFT, PyTorch)", "eager (PEFT, PyTorch) [cuda]", "torch.compile (PEFT, default)",
+                             "torch.compile (PEFT, reduce-overhead) [cuda]", "export fp32", "export fp32 [cuda]"}
+    assert backends["torch.compile (PEFT, reduce-overhead) [cuda]"].key() == {
+        "backend": "torch.compile (PEFT, reduce-overhead) [cuda]", "kind": "torch_compile", "layout": "-",
+        "precision": "fp32", "provider": "torch:cuda", "compile_mode": "reduce-overhead"}
+    default = run._backends(variants, run.BenchSettings(), object(), 3, None, "folded", False)
+    assert not any(b.kind == "torch_compile" for b in default)
+
+
+def test_bench_torch_compile_writes_its_row_with_the_mode(tmp_path, exports):
+    """`bench --torch-compile`: a row beside eager, its mode recorded, eager's greedy tokens, the compile
+    time as its session_s."""
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "-q", str(exports["folded"]), "--out", str(out), "--torch-compile", "--no-base",
+                     "--batch-sizes", "1", "--contexts", "4", "--new-tokens", "8", "--threads", "1",
+                     "--bandwidth-mb", "16", "--rounds", "1"]) == 0
+    result = json.loads((out / run.BENCH_JSON).read_text())
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"eager (PEFT, PyTorch)", "torch.compile (PEFT, default)", "export fp32"}
+    compiled = rows["torch.compile (PEFT, default)"]
+    assert (compiled["kind"], compiled["provider"], compiled["compile_mode"]) == ("torch_compile", "torch:cpu",
+                                                                                 "default")
+    assert "compile_mode" not in rows["eager (PEFT, PyTorch)"]
+    assert compiled["tokens_row0"] == rows["eager (PEFT, PyTorch)"]["tokens_row0"] == rows["export fp32"]["tokens_row0"]
+    assert len(compiled["tokens_row0"]) == 8 and compiled["session_s"] > 0 and compiled["decode_p50_ms"] > 0
+    assert result["torch_compile_matches_eager"] == {
+        "torch.compile (PEFT, default) B=1 C=4": "8/8 leading tokens equal"}
+    assert result["settings"]["torch_compile"] and not result.get("backends_failed")
+    assert {"backend": "torch.compile (PEFT, default)", "compile_mode": "default"}.items() <= next(
+        b for b in result["backends"] if b["kind"] == "torch_compile").items()
+
+
+def test_bench_records_a_torch_compile_failure_and_measures_the_rest(tmp_path, exports, monkeypatch):
+    """A torch.compile that fails (no compiler, unsupported model) skips its row with the error recorded."""
+    import torch
+
+    def no_compiler(fn, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "-q", str(exports["folded"]), "--out", str(out), "--torch-compile", "--no-base",
+                     "--batch-sizes", "1", "--contexts", "4", "--new-tokens", "4", "--threads", "1",
+                     "--bandwidth-mb", "16", "--rounds", "1"]) == 0
+    result = json.loads((out / run.BENCH_JSON).read_text())
+    assert {r["backend"] for r in result["rows"]} == {"eager (PEFT, PyTorch)", "export fp32"}
+    (failed,) = result["backends_failed"]
+    assert failed["backend"] == "torch.compile (PEFT, default)" and failed["compile_mode"] == "default"
+    assert failed["error"] == "RuntimeError: InductorError: no working C++ compiler found"
+    assert result["torch_compile_matches_eager"] is None and not result.get("peers_failed")

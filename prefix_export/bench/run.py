@@ -7,6 +7,8 @@ What is measured, per backend (backends.py), batch size B and context length C (
 Rounds run every backend in turn on one configuration before the next, so that the backends being
 compared are measured seconds apart; with a GPU provider, eager also runs on the GPU. The floor
 (probes.py) is printed beside each decode figure. bench.json and bench.png go to OUT.
+`--torch-compile` adds PEFT with torch.compile decode steps wherever eager runs (backends.py); it compiles
+every configuration's shape before the rounds, so no compile is timed (its session_s is the compile time).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
+# Backends whose failure to run is a finding (recorded, the row skipped), not a crash.
+FALLIBLE = (*PEERS, "torch_compile")
 EXTRAS = ("matplotlib", "psutil")  # the `bench` extra: the plot, and the memory sampling
 
 
@@ -48,6 +52,7 @@ class BenchSettings:
     base: bool = True
     cache_layout: bool = True  # also run the base graph with the prefix as its first past (`--layout cache`)
     peers: bool = False  # also run onnxruntime-genai and OpenVINO on every export graph (peers.py)
+    torch_compile: bool = False  # also PEFT with torch.compile decode steps where eager runs (minutes on big models)
     threads: int | None = None  # ORT intra-op and torch threads; default: all cores
     bandwidth_mb: int = 1024
     bandwidth_passes: int = 5
@@ -87,8 +92,9 @@ def load_targets(path: str | Path) -> dict:
 
 def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file: Path | None, export_layout: str,
               on_gpu: bool) -> list[Backend]:
-    """Every backend to measure, in measuring order: eager, then each graph on each provider; the base
-    graphs run twice, bare ("base": what the prefix costs) and with the prefix as past ("export[cache]")."""
+    """Every backend to measure, in measuring order: eager (and torch.compile), then each graph on each
+    provider; the base graphs run twice, bare ("base": what the prefix costs) and with the prefix as past
+    ("export[cache]")."""
     from ..folder import read_prefix_file
 
     prefix = read_prefix_file(prefix_file) if prefix_file is not None else None
@@ -106,6 +112,9 @@ def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file
     if settings.eager and peft_model is not None:
         for device in eager_devices:
             backends.append(Backend("eager", "-", "fp32", f"torch:{device}", None, fp32_weights, P, 0.0))
+    if settings.torch_compile and peft_model is not None:
+        for device in eager_devices:
+            backends.append(Backend("torch_compile", "-", "fp32", f"torch:{device}", None, fp32_weights, P, 0.0))
     cache_runs = []
     for variant in variants:
         for provider in settings.providers:
@@ -145,6 +154,20 @@ def _peer_backends(variants, P: int, prefix, export_layout: str) -> list[Backend
                                  variant.weights_read, P, variant.build_s,
                                  prefix if export_layout == "cache" else None))
     return peers
+
+
+def torch_compile_matches(rows) -> dict | None:
+    """Greedy tokens of row 0 from torch.compile vs eager on the same device and config: the same model, so
+    they should be equal."""
+    out = {}
+    for row in (r for r in rows if r["kind"] == "torch_compile"):
+        eager = next((r for r in rows if r["kind"] == "eager" and r["provider"] == row["provider"]
+                      and (r["batch"], r["context"]) == (row["batch"], row["context"])), None)
+        if eager is not None:
+            a, b = row["tokens_row0"], eager["tokens_row0"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            out[f"{row['backend']} B={row['batch']} C={row['context']}"] = f"{same}/{len(a)} leading tokens equal"
+    return out or None
 
 
 def _short_error(exc: Exception) -> str:
@@ -227,8 +250,9 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     n_configs = len(settings.batch_sizes) * len(settings.contexts)
     n_graph_variants = (1 + int(settings.optimize) + len(set(settings.precisions) - {"fp32"})) * (1 + int(settings.base))
+    n_torch = int(settings.eager) + int(settings.torch_compile)
     bar = _Bar(4 + n_graph_variants + settings.rounds * n_configs * (n_graph_variants * len(settings.providers)
-                                                                     + int(settings.eager)),
+                                                                     + n_torch),
                progress)
     try:
         bandwidth = measure_bandwidth(settings.bandwidth_mb, settings.bandwidth_passes, threads)
@@ -273,7 +297,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                    for b in settings.batch_sizes for c in settings.contexts}
         backends = _backends(variants, settings, peft_model, P, prefix_file, export_layout, gpu_bandwidth is not None)
         result["backends"] = [{**b.key(), "graph": str(b.graph) if b.graph else None} for b in backends]
-        # eager's weights were loaded before its measurement started: add them to its footprint.
+        # eager's and torch.compile's weights were loaded before their measurement started: add them.
         model_mb = sum(p.numel() * p.element_size() for p in source.base.model.parameters()) / 1024**2 \
             if source is not None else 0.0
         configs = [(b, c) for (b, c) in prompts
@@ -286,26 +310,35 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
             bar.bar.total = bar.bar.n + (settings.rounds * len(configs) + 1) * len(backends)
             bar.bar.refresh()
         # Every backend is created first (its memory: RSS growth over creation and one short run at
-        # the smallest config). Then, per round and per config, every backend runs in turn, so that
-        # backends compared on one config are measured seconds apart, not minutes, on a machine whose
-        # speed drifts; odd rounds run the backends in reverse order. One backend at a time: ONNX
-        # Runtime's spinning worker threads make sessions run step-by-step in alternation about 2x slower.
+        # the smallest config; torch.compile runs every config, compiling each shape before any timing).
+        # Then, per round and per config, every backend runs in turn, so that backends compared on one
+        # config are measured seconds apart, not minutes, on a machine whose speed drifts; odd rounds run
+        # the backends in reverse order. One backend at a time: ONNX Runtime's spinning worker threads
+        # make sessions run step-by-step in alternation about 2x slower.
         live, memory_mb, samples, session_s = {}, {}, {}, {}
         smallest = min(configs, key=lambda c: c[0] * c[1])
+        max_new_tokens = max(settings.new_tokens, settings.warmup_tokens) + 1  # the most a run asks for
         for b in list(backends):
             gc.collect()
             with PeakMemory() as memory:
                 try:
-                    live[b.name] = b.open(peft_model, threads)
-                    time_generation(live[b.name], prompts[smallest], settings.warmup_tokens, 0)
-                except Exception as exc:  # noqa: BLE001 - a peer that cannot run this graph is a finding
-                    if b.kind not in PEERS:
+                    live[b.name] = b.open(peft_model, threads, max_new_tokens)
+                    for config in (configs if b.kind == "torch_compile" else [smallest]):
+                        time_generation(live[b.name], prompts[config], settings.warmup_tokens, 0)
+                except Exception as exc:  # noqa: BLE001 - a peer (or torch.compile) that cannot run it is a finding
+                    if b.kind not in FALLIBLE:
                         raise
                     backends.remove(b)
-                    live.pop(b.name, None)
-                    result.setdefault("peers_failed", []).append(
-                        {"backend": b.name, "graph": str(b.graph), "error": f"{type(exc).__name__}: "
-                                                                            f"{_short_error(exc)}"})
+                    failed = live.pop(b.name, None)
+                    if failed is not None:
+                        failed.close()
+                    error = f"{type(exc).__name__}: {_short_error(exc)}"
+                    if b.kind in PEERS:
+                        result.setdefault("peers_failed", []).append(
+                            {"backend": b.name, "graph": str(b.graph), "error": error})
+                    else:
+                        result.setdefault("backends_failed", []).append({**b.key(), "error": error})
+                        log.warning("%s cannot run: %s", b.name, error)
                     bar(f"{b.name} cannot run it")
                     continue
             session_s[b.name] = live[b.name].session_s
@@ -357,7 +390,8 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                              "build_s": round(b.build_s, 2),
                              "peak_rss_mb": round(memory_mb[b.name][0], 1),
                              "rss_growth_mb": round(memory_mb[b.name][1], 1),
-                             "memory_mb": round(memory_mb[b.name][1] + (model_mb if b.kind == "eager" else 0), 1)})
+                             "memory_mb": round(memory_mb[b.name][1]
+                                                + (model_mb if b.kind in ("eager", "torch_compile") else 0), 1)})
         if any(r["floor_ms"] is None for r in rows):
             result["notes"].append("no GPU bandwidth (PyTorch without CUDA here): GPU rows have no floor")
         result["rows"] = rows
@@ -368,6 +402,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                                                               settings.optimize)
             bar("agreement on the embedded model")
         result["eager_matches_export"] = eager_matches(rows)
+        result["torch_compile_matches_eager"] = torch_compile_matches(rows)
         result["peers_match_export"] = peers_match(rows)
         result["targets"] = evaluate_targets(result, settings.targets)
         result["timeline_s"] = bar.timeline

@@ -74,8 +74,15 @@ def release_exporter_state() -> None:
         from onnxscript.rewriter._matcher import SimplePatternMatcher
     except ImportError:
         return
+    # Collected first: garbage cycles left by torch.compile's tracer hold weak proxies to freed objects,
+    # and isinstance() on a dead proxy raises ReferenceError (seen after bench --torch-compile).
+    gc.collect()
     for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
+        try:
+            matcher = isinstance(obj, SimplePatternMatcher)
+        except ReferenceError:
+            continue
+        if matcher:
             obj._current_node = None
             obj._match = MatchResult()
             for name in ("_graph", "_tracer"):
