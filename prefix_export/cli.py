@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run PEFT with its decode steps through torch.compile (mode reduce-overhead, CUDA "
                             "graphs, on CUDA; inductor's default mode on the CPU) on a static cache, wherever eager "
                             "runs; each batch size and context is compiled before the timing (minutes on big models)")
+    bench.add_argument("--kv-buffer", choices=["concat", "shared"], default="concat",
+                       help="shared: also compile and run the shared-KV-buffer graphs (GroupQueryAttention on one "
+                            "preallocated buffer; fp32, and fp16 with a GPU provider) of the export and the base")
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="with --kv-buffer shared and --provider cuda: also run the shared-buffer graphs with "
+                            "their decode steps replayed as CUDA graphs (rows '...+cuda-graph')")
     bench.add_argument("--no-base", action="store_true",
                        help="skip the base-model export (no prefix cost, and no cache layout)")
     bench.add_argument("--no-cache-layout", action="store_true",
@@ -378,8 +384,8 @@ def cmd_bench(args) -> int:
                              precisions=tuple(dict.fromkeys(["fp32", *(args.precision or [])])),
                              optimize=args.optimize, eager=not args.no_eager, base=not args.no_base,
                              cache_layout=not args.no_cache_layout, peers=args.peers,
-                             torch_compile=args.torch_compile,
-                             threads=args.threads, bandwidth_mb=args.bandwidth_mb,
+                             torch_compile=args.torch_compile, kv_buffer_shared=args.kv_buffer == "shared",
+                             cuda_graph=args.cuda_graph, threads=args.threads, bandwidth_mb=args.bandwidth_mb,
                              agreement_model=Path(agreement) if agreement else None,
                              targets=load_targets(args.targets) if args.targets else None)
     result = run_bench(args.out, model=args.model, prefix=args.prefix, export_dir=args.export_dir,

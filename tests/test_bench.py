@@ -397,3 +397,42 @@ def test_bench_records_a_torch_compile_failure_and_measures_the_rest(tmp_path, e
     assert failed["backend"] == "torch.compile (PEFT, default)" and failed["compile_mode"] == "default"
     assert failed["error"] == "RuntimeError: InductorError: no working C++ compiler found"
     assert result["torch_compile_matches_eager"] is None and not result.get("peers_failed")
+
+
+def test_bench_kv_buffer_shared_runs_the_shared_graphs_with_export_tokens(tmp_path, gpt2_dir, gpt2_adapter):
+    """`bench --optimize --kv-buffer shared`: the shared-KV-buffer graphs of the export and of the base (bare,
+    and with the prefix pre-filled: export[cache]) are compiled, validated and timed, with the export's tokens."""
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "-q", "--model", str(gpt2_dir), "--prefix", str(gpt2_adapter), "--out", str(out),
+                     "--optimize", "--kv-buffer", "shared", "--no-eager", "--batch-sizes", "1,2", "--contexts", "4",
+                     "--new-tokens", "6", "--threads", "1", "--bandwidth-mb", "16", "--rounds", "1"]) == 0
+    result = json.loads((out / run.BENCH_JSON).read_text())
+    rows = {(r["backend"], r["batch"]): r for r in result["rows"]}
+    for batch in (1, 2):
+        plain = rows[("export fp32", batch)]["tokens_row0"]
+        for name in ("export fp32+shared", "export[cache] fp32+shared"):
+            assert rows[(name, batch)]["tokens_row0"] == plain, name
+        assert rows[("base fp32+shared", batch)]["tokens_row0"] == rows[("base fp32", batch)]["tokens_row0"]
+    shared = next(v for v in result["variants"] if v["name"] == "export fp32+shared")
+    assert shared["validation"]["passed"]
+    assert not any("cuda-graph" in b["backend"] for b in result["backends"])  # CPU: nothing captured
+
+
+def test_cuda_graph_rows_only_for_shared_graphs_on_cuda(tmp_path):
+    from safetensors.numpy import save_file
+
+    prefix_file = tmp_path / "prefix_kv.safetensors"
+    save_file({"prefix_kv": np.zeros((2, 2, 4, 3, 8), np.float32)}, str(prefix_file))
+    passed = {"cache_layout_validation": {"passed": True}}
+    variants = [Variant("export fp32", tmp_path / "e.onnx", "export", "fp32", 1.0, weights_read=10),
+                Variant("export fp16+shared", tmp_path / "es.onnx", "export", "fp16+shared", 1.0, weights_read=5),
+                Variant("base fp16+shared", tmp_path / "bs.onnx", "base", "fp16+shared", 1.0, dict(passed),
+                        weights_read=5)]
+    settings = run.BenchSettings(providers=("cpu", "cuda"), kv_buffer_shared=True, cuda_graph=True, eager=False)
+    backends = {b.name: b for b in run._backends(variants, settings, object(), 3, prefix_file, "folded", True)}
+    captured = {name for name, b in backends.items() if b.cuda_graph}
+    assert captured == {"export fp16+shared+cuda-graph [cuda]", "base fp16+shared+cuda-graph [cuda]",
+                        "export[cache] fp16+shared+cuda-graph [cuda]"}
+    assert "export fp16+shared [cuda]" in backends and "export fp16+shared" in backends
+    assert not any(b.cuda_graph for b in run._backends(variants, run.BenchSettings(providers=("cpu", "cuda")),
+                                                       object(), 3, prefix_file, "folded", True))

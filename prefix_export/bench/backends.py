@@ -34,6 +34,7 @@ from ..runtime.loop import GenerationConfig, decode
 log = logging.getLogger(__name__)
 
 EAGER_NAME = "eager (PEFT, PyTorch)"
+CUDA_GRAPH = "+cuda-graph"  # precision label suffix of a shared-buffer graph's rows with captured decode steps
 TORCH_COMPILE_NAME = "torch.compile (PEFT, {mode})"
 _KIND_LABELS = {("export", "folded"): "export", ("export", "cache"): "export[cache]", ("base", "-"): "base",
                 ("genai", "folded"): "genai", ("openvino", "folded"): "openvino",
@@ -73,6 +74,7 @@ class Backend:
     prefix_length: int  # positions of prefix in the cache
     build_s: float
     prefix: np.ndarray | None = None  # (L, 2, H_kv, P, D), fed as the first past
+    cuda_graph: bool = False  # a shared-KV-buffer graph on CUDA, decode steps replayed as a CUDA graph
 
     @property
     def name(self) -> str:
@@ -100,22 +102,28 @@ class Backend:
             from .peers import OpenVinoBackend
 
             return OpenVinoBackend(self.graph, threads, self.prefix)
-        return OrtBackend(self.graph, self.provider, threads, self.prefix)
+        return OrtBackend(self.graph, self.provider, threads, self.prefix, self.cuda_graph)
 
 
 class OrtBackend:
-    """A graph on one provider, run by the shared loop (host cache on the CPU, IO binding on a GPU)."""
+    """A graph on one provider, run by the shared loop (host cache on the CPU, IO binding on a GPU; a
+    shared-KV-buffer graph by its own fixed-shape loop, with `cuda_graph` as captured CUDA graphs)."""
 
-    def __init__(self, graph: Path, provider: str, threads: int, prefix: np.ndarray | None = None):
+    def __init__(self, graph: Path, provider: str, threads: int, prefix: np.ndarray | None = None,
+                 cuda_graph: bool = False):
         from ..runtime.decoder import make_decoder
         from ..runtime.loop import Engine
-        from ..runtime.providers import device_of
+        from ..runtime.providers import cuda_options, device_of, resolve_provider
         from ..runtime.sessions import create_session
 
         start = time.perf_counter()
-        session = create_session(graph, provider, threads=threads)
+        options = {**cuda_options(), "enable_cuda_graph": "1"} if cuda_graph else None
+        if cuda_graph and resolve_provider(provider) != "CUDAExecutionProvider":
+            raise ValueError(f"CUDA graphs need the CUDA provider, not {provider}")
+        session = create_session(graph, provider, options, threads=threads)
         self.session_s = time.perf_counter() - start
-        self.engine = Engine(make_decoder(session, prefix), device_of(session.get_providers()[0]))
+        self.engine = Engine(make_decoder(session, prefix), device_of(session.get_providers()[0]),
+                             cuda_graph=cuda_graph)
 
     def stepper(self, input_ids: np.ndarray, max_new_tokens: int):
         return self.engine.stepper(input_ids, None, max_new_tokens)

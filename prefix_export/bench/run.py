@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import PEERS, Backend, time_generation
+from .backends import CUDA_GRAPH, PEERS, Backend, time_generation
 from .probes import (PeakMemory, kv_bytes, load_average, machine_info, measure_bandwidth, measure_gpu_bandwidth,
                      weights_read_per_token)
 from .report import eager_matches, evaluate_targets, optimize_decision, peers_match, write_plot
@@ -53,6 +53,8 @@ class BenchSettings:
     cache_layout: bool = True  # also run the base graph with the prefix as its first past (`--layout cache`)
     peers: bool = False  # also run onnxruntime-genai and OpenVINO on every export graph (peers.py)
     torch_compile: bool = False  # also PEFT with torch.compile decode steps where eager runs (minutes on big models)
+    kv_buffer_shared: bool = False  # also the shared-KV-buffer graphs (fp32; fp16 on a GPU) of export and base
+    cuda_graph: bool = False  # those graphs on CUDA also with their decode steps as captured CUDA graphs
     threads: int | None = None  # ORT intra-op and torch threads; default: all cores
     bandwidth_mb: int = 1024
     bandwidth_passes: int = 5
@@ -120,19 +122,27 @@ def _backends(variants, settings: BenchSettings, peft_model, P: int, prefix_file
         for provider in settings.providers:
             if variant.precision == "int8" and provider != "cpu":
                 continue  # dynamic int8 MatMuls are CPU kernels; on a GPU they would fall back to it
+            # shared-buffer graphs on CUDA: also as captured CUDA graphs (their own rows, "+cuda-graph")
+            graph_modes = [False] + ([True] if settings.cuda_graph and "+shared" in variant.precision
+                                     and provider in ("cuda", "CUDAExecutionProvider") else [])
             if variant.kind == "export":
                 cache_export = export_layout == "cache"  # an existing cache-layout folder: feed its prefix
-                backends.append(Backend("export", export_layout, variant.precision, provider, variant.graph,
-                                        variant.weights_read, P, variant.build_s, prefix if cache_export else None))
+                for captured in graph_modes:
+                    backends.append(Backend("export", export_layout, variant.precision + CUDA_GRAPH * captured,
+                                            provider, variant.graph, variant.weights_read, P, variant.build_s,
+                                            prefix if cache_export else None, cuda_graph=captured))
                 continue
-            backends.append(Backend("base", "-", variant.precision, provider, variant.graph, variant.weights_read,
-                                    0, variant.build_s))
+            for captured in graph_modes:
+                backends.append(Backend("base", "-", variant.precision + CUDA_GRAPH * captured, provider,
+                                        variant.graph, variant.weights_read, 0, variant.build_s, cuda_graph=captured))
             validated = variant.precision == "int8" or cache_validated(variant)
             superseded = variant.precision == "fp32" and fused_cache
             if settings.cache_layout and prefix is not None and export_layout != "cache" and validated \
                     and not superseded:
-                cache_runs.append(Backend("export", "cache", variant.precision, provider, variant.graph,
-                                          variant.weights_read, P, variant.build_s, prefix))
+                for captured in graph_modes:
+                    cache_runs.append(Backend("export", "cache", variant.precision + CUDA_GRAPH * captured, provider,
+                                              variant.graph, variant.weights_read, P, variant.build_s, prefix,
+                                              cuda_graph=captured))
     return backends + cache_runs + (_peer_backends(variants, P, prefix, export_layout) if settings.peers else [])
 
 
@@ -249,7 +259,8 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
         result["notes"].append("model/prefix unknown: eager and base backends skipped")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_configs = len(settings.batch_sizes) * len(settings.contexts)
-    n_graph_variants = (1 + int(settings.optimize) + len(set(settings.precisions) - {"fp32"})) * (1 + int(settings.base))
+    n_graph_variants = (1 + int(settings.optimize) + len(set(settings.precisions) - {"fp32"})
+                        + 2 * int(settings.kv_buffer_shared)) * (1 + int(settings.base))
     n_torch = int(settings.eager) + int(settings.torch_compile)
     bar = _Bar(4 + n_graph_variants + settings.rounds * n_configs * (n_graph_variants * len(settings.providers)
                                                                      + n_torch),
@@ -326,7 +337,7 @@ def run_bench(out_dir: str | Path, *, model: str | None = None, prefix: str | Pa
                     for config in (configs if b.kind == "torch_compile" else [smallest]):
                         time_generation(live[b.name], prompts[config], settings.warmup_tokens, 0)
                 except Exception as exc:  # noqa: BLE001 - a peer (or torch.compile) that cannot run it is a finding
-                    if b.kind not in FALLIBLE:
+                    if b.kind not in FALLIBLE and not b.cuda_graph:  # a capture that fails is a finding too
                         raise
                     backends.remove(b)
                     failed = live.pop(b.name, None)

@@ -159,6 +159,12 @@ def compiled_variants(plain: list[Variant], folders: dict[str, Path], workdir: P
         (precision, CompileOptions(optimize=settings.optimize, quantization=QuantizationSettings(precision=precision),
                                    thresholds=Thresholds(0.0, 0.0)))
         for precision in precisions]
+    if settings.kv_buffer_shared:  # the GPU artifact: GroupQueryAttention on one KV buffer
+        jobs.append(("fp32+shared", CompileOptions(optimize=True, kv_buffer="shared")))
+        if on_gpu:
+            fp16 = QuantizationSettings(precision="fp16")
+            jobs.append(("fp16+shared", CompileOptions(optimize=True, kv_buffer="shared", quantization=fp16,
+                                                       thresholds=Thresholds(0.0, 0.0))))
     for variant in plain:
         for label, options in jobs:
             name = f"{variant.kind} {label}"
@@ -169,7 +175,7 @@ def compiled_variants(plain: list[Variant], folders: dict[str, Path], workdir: P
                 continue
             agreement = (info.get("validation") or {}).get("agreement")
             if agreement:
-                below = judge(agreement, DEFAULT_THRESHOLDS[label])
+                below = judge(agreement, DEFAULT_THRESHOLDS[options.precision])
                 info["meets_default_thresholds"] = not below
                 info["below_thresholds"] = below
             if variant.kind == "base":  # compiled from the cache-layout folder: validated as that layout
