@@ -24,6 +24,18 @@ META_VERSION = "prefix_export.version"
 # (`prefix-export adapter`) can replace them at run time; absent otherwise.
 META_SWAPPABLE = "prefix_export.swappable_prefix"
 
+# The shared-KV-buffer graph (compile --kv-buffer shared): no attention mask; the pasts are buffers
+# (batch_size, H_kv, max_sequence_length, D) that the presents alias, and these besides:
+SEQLENS_K = "seqlens_k"  # int32 (batch_size,): tokens in each row's buffer after this step - 1
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: the longest row's count, or the buffer length
+GREEDY_TOKEN_IDS = "greedy_token_ids"  # int64 (batch_size, sequence_length): argmax of the logits
+BUFFER_LENGTH = "max_sequence_length"  # the buffers' time axis
+META_KV_BUFFER = "prefix_export.kv_buffer"  # JSON {"layout", "num_virtual_tokens"}
+
+
+def is_shared_buffer_graph(input_names) -> bool:
+    return SEQLENS_K in set(input_names)
+
 
 def past_name(layer: int, kind: str) -> str:
     """`past_key_values.{i}.key|value`: (batch_size, H_kv, past_sequence_length, D)."""

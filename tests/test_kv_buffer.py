@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from prefix_export import contract
 from prefix_export.api import export_prefix_model
 from prefix_export.compile import kv_buffer
 from prefix_export.compile.fusions import expected_fusions
@@ -82,8 +83,8 @@ def test_shared_buffer_graph_validates_against_peft(model_type, layout, family, 
     assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph.node) == spec.num_layers
     assert "MultiHeadAttention" not in ops
     inputs = [i.name for i in graph.graph.input]
-    assert "attention_mask" not in inputs and inputs[-2:] == [kv_buffer.SEQLENS_K, kv_buffer.TOTAL_SEQUENCE_LENGTH]
-    assert [o.name for o in graph.graph.output][-1] == kv_buffer.GREEDY_TOKEN_IDS
+    assert "attention_mask" not in inputs and inputs[-2:] == [contract.SEQLENS_K, contract.TOTAL_SEQUENCE_LENGTH]
+    assert [o.name for o in graph.graph.output][-1] == contract.GREEDY_TOKEN_IDS
     window = [a.i for n in graph.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
               if a.name == "local_window_size"]
     assert window == ([spec.sliding_window] * spec.num_layers if spec.sliding_window else [])
@@ -274,3 +275,12 @@ def test_later_generations_reuse_the_buffers_a_graph_was_captured_on(layout, sha
     np.testing.assert_array_equal(reused, fresh)
     other_batch = make_stepper(decoder, np.array([ROWS[1], ROWS[1]]), None, 8, cuda_graph=True)
     assert other_batch.state is not first.state and other_batch.state.graph_id != first.state.graph_id
+
+
+@pytest.mark.parametrize("layout", ["folded", "cache"])
+def test_validate_rechecks_a_shared_buffer_folder(layout, shared_exports):
+    from prefix_export.api import validate_export
+
+    result = validate_export(shared_exports[layout][0])
+    print(result.table())
+    assert result.passed

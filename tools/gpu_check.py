@@ -19,16 +19,20 @@ What it does:
      to the CPU's and to PEFT's forward (PyTorch), prefill ms and ms/token at batch 1 and 4;
   4. prints the table and writes gpu_check.json (into $OUT when set, else --json);
   5. with --bench: `prefix-export bench` with the GPU providers (eager PyTorch on the GPU too, the
-     cache layout beside the folded one), bench.json/.png/.txt beside gpu_check.json.
+     cache layout beside the folded one), bench.json/.png/.txt beside gpu_check.json;
+  6. the decode-path table (tools/gpu_decode.py; on by default where CUDA runs, --no-decode-paths to
+     skip): fused fp32, shared-KV-buffer fp32 and fp16 graphs, both layouts and the base, with and
+     without CUDA graphs, PyTorch eager and torch.compile(reduce-overhead), fp16 tokens against fp32's
+     with the margin where they part, `generate` against the lean loop; gpu_decode.json.
 Run on an H100 on 2026-11-26 (README, "Checked on a GPU"): twice 4 device calls (3 wheel parts, then
 the run), 6.6 minutes of device time together; `--bench` took 174 s, `--models '' --bench` 108 s.
 
 The wheel, carried in parts (a device call carries at most 64 MiB; the machine keeps /tmp while warm):
     here, once:  pip download onnxruntime-gpu==1.31.1 --no-deps --only-binary=:all: \
                      --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl/
-                 split -b 61m .whl/onnxruntime_gpu-*.whl .whl/parts/$(basename .whl/onnxruntime_gpu-*.whl).part-
-                 (the 256 MB wheel of 1.31.1 makes 4 parts; each call also carries the repository, about
-                 2.6 MiB, so 61 MiB parts stay under the limit only while the repository stays under 3 MiB)
+                 split -b 60m .whl/onnxruntime_gpu-*.whl .whl/parts/$(basename .whl/onnxruntime_gpu-*.whl).part-
+                 (the 256 MB wheel of 1.31.1 makes 5 parts; each call also carries the repository, about
+                 3.2 MiB on 2026-12-02, so 60 MiB parts stay under the 64 MiB limit while it stays under 4 MiB)
     then one device call per part but the last, back to back (a machine idle for 30 s is given back,
     /tmp with it), each with carry [".whl/parts/NAME.part-aX"]:
                  bash tools/gpu_check.sh --stash-only
@@ -263,6 +267,8 @@ def main(argv=None) -> int:
                              "PyTorch on the GPU too); bench.json/bench.png/bench.txt beside gpu_check.json")
     parser.add_argument("--bench-contexts", default="32,128,512")
     parser.add_argument("--bench-model", default="gpt2-small", help="default, gpt2-small or tiny")
+    parser.add_argument("--no-decode-paths", action="store_true",
+                        help="skip the decode-path table (tools/gpu_decode.py), run by default where CUDA is")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.stash_only:
@@ -327,6 +333,15 @@ def main(argv=None) -> int:
     path = Path(args.json) if args.json else Path(os.environ.get("OUT") or work) / "gpu_check.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}")
+    if "cuda" in providers and not args.no_decode_paths:
+        import gpu_decode
+
+        try:
+            gpu_decode.main(["--models", args.models, "--provider", "cuda", "--work", str(work),
+                             "--tokens", str(args.tokens), "--json", str(path.parent / "gpu_decode.json")])
+        except Exception as exc:  # noqa: BLE001 - the check's results are already written
+            print(f"decode paths failed: {type(exc).__name__}: {exc}")
+            failures.append(f"decode paths: {type(exc).__name__}: {exc}"[:400])
     if args.bench:
         run_gpu_bench(work, path.parent, [p for p in providers if p != "cpu"] or ["cpu"], args)
     mismatched = [r for r in rows if "tokens_equal_peft" in r
@@ -343,7 +358,8 @@ def run_gpu_bench(work: Path, out: Path, providers: list[str], args) -> None:
     providers = [p for p in providers if p not in ("tensorrt", "trt")] or ["cpu"]  # folded graph: no TensorRT
     settings = BenchSettings(batch_sizes=tuple(args.batches),
                              contexts=tuple(int(c) for c in args.bench_contexts.split(",")),
-                             providers=tuple(providers), optimize=True)
+                             providers=tuple(providers), optimize=True, kv_buffer_shared=True,
+                             cuda_graph="cuda" in providers, torch_compile=True)
     t0 = time.perf_counter()
     try:
         result = run_bench(work / "bench", model=str(base), prefix=str(prefix), settings=settings, progress=False)

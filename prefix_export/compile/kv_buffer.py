@@ -41,15 +41,11 @@ import logging
 import numpy as np
 
 from .. import contract
+from ..contract import BUFFER_LENGTH, GREEDY_TOKEN_IDS, META_KV_BUFFER, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from ..errors import ExportFailedError
 
 log = logging.getLogger(__name__)
 
-SEQLENS_K = "seqlens_k"
-TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
-GREEDY_TOKEN_IDS = "greedy_token_ids"
-BUFFER_LENGTH = "max_sequence_length"  # the buffers' symbolic time dimension
-META_KV_BUFFER = "prefix_export.kv_buffer"
 _MS = "com.microsoft"
 # Ops between a cache Concat and the attention's key input (repeat_kv, head reshapes): traced through.
 _SHAPE_OPS = {"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Identity", "Cast", "Tile"}
@@ -349,7 +345,3 @@ def _set_io(model) -> None:
         g.input.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [contract.BATCH]))
     if TOTAL_SEQUENCE_LENGTH not in names:
         g.input.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
-
-
-def is_shared_buffer_graph(input_names) -> bool:
-    return SEQLENS_K in set(input_names)

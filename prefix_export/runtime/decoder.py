@@ -11,9 +11,8 @@ import numpy as np
 
 from .. import contract, contract_seq2seq
 from ..errors import InputError, MismatchError, RuntimeSetupError
+from .providers import ORT_TO_NUMPY
 
-ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def pad_batch(rows, pad_token_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
@@ -199,9 +198,7 @@ class OnnxSeq2Seq:
 
 def make_decoder(session, prefix: np.ndarray | None = None, adapter=None):
     """The runner for `session`'s graph: a shared-KV-buffer graph's (compile --kv-buffer shared), else OnnxDecoder."""
-    from ..compile.kv_buffer import is_shared_buffer_graph
-
-    if is_shared_buffer_graph(i.name for i in session.get_inputs()):
+    if contract.is_shared_buffer_graph(i.name for i in session.get_inputs()):
         from .shared_buffer import SharedBufferDecoder
 
         return SharedBufferDecoder(session, prefix, adapter)

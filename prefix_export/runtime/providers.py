@@ -19,10 +19,16 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from .. import contract
 from ..errors import InputError, RuntimeSetupError, UnsupportedError
 
 log = logging.getLogger(__name__)
+
+# ONNX Runtime's type strings (NodeArg.type) -> numpy dtypes
+ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -101,7 +101,7 @@ def open_session(folder: ExportFolder | str | Path, settings: SessionSettings | 
 def _cuda_graph_possible(graph: Path, provider: str) -> bool:
     """CUDA graphs need the CUDA provider and fixed shapes and addresses, which only a shared-KV-buffer graph
     (compile --kv-buffer shared) has; otherwise a log line says why the steps run uncaptured."""
-    from ..compile.kv_buffer import is_shared_buffer_graph
+    from ..contract import is_shared_buffer_graph
 
     if provider != providers.CUDA:
         log.warning("--cuda-graph: only the CUDA provider captures CUDA graphs; %s runs uncaptured", provider)

@@ -27,9 +27,9 @@ import logging
 import numpy as np
 
 from .. import contract
-from ..compile.kv_buffer import GREEDY_TOKEN_IDS, META_KV_BUFFER, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from ..contract import GREEDY_TOKEN_IDS, META_KV_BUFFER, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from ..errors import InputError, RuntimeSetupError
-from .decoder import ORT_TO_NUMPY
+from .providers import ORT_TO_NUMPY
 
 log = logging.getLogger(__name__)
 
