@@ -24,6 +24,23 @@ def _single_thread_torch():
 
 
 @pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """model_type -> (tiny model folder, trained P=5 prefix with its projection), made on first use and
+    shared by every test that asks for the same family (test_compile, test_kv_buffer)."""
+    made = {}
+
+    def get(model_type):
+        if model_type not in made:
+            root = tmp_path_factory.mktemp(model_type)
+            save_tiny_model(tiny_config(model_type), root / "model")
+            made[model_type] = (root / "model", make_prefix(root / "model", root / "prefix", 5, projection=True,
+                                                            trained=True))
+        return made[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     """A tiny GPT-2 saved as a local model folder."""
     folder = tmp_path_factory.mktemp("gpt2")

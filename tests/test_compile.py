@@ -17,7 +17,7 @@ from prefix_export.errors import ValidationError
 from prefix_export.folder import ExportFolder, read_metadata
 from prefix_export.source import architectures
 from tests_helpers import assert_refused, genai_greedy, listing, run_cli
-from tiny_models import TINY_CONFIGS, make_prefix, save_tiny_model, tiny_config
+from tiny_models import TINY_CONFIGS, tiny_config
 
 DECODERS = [t for t in architectures.supported_model_types()
             if architectures.describe(tiny_config(t)).family == architectures.FAMILY_DECODER]
@@ -25,22 +25,6 @@ DECODERS = [t for t in architectures.supported_model_types()
 
 def test_every_registered_decoder_family_has_a_tiny_model():
     assert set(DECODERS) <= set(TINY_CONFIGS)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """model_type -> (model folder, prefix folder), made on first use."""
-    made = {}
-
-    def get(model_type):
-        if model_type not in made:
-            root = tmp_path_factory.mktemp(model_type)
-            save_tiny_model(tiny_config(model_type), root / "model")
-            made[model_type] = (root / "model", make_prefix(root / "model", root / "prefix", 5, projection=True,
-                                                            trained=True))
-        return made[model_type]
-
-    return get
 
 
 def _fusion_line(report):

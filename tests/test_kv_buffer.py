@@ -25,27 +25,12 @@ from prefix_export.runtime.sessions import SessionSettings, create_session, open
 from prefix_export.runtime.shared_buffer import SharedBufferDecoder
 from prefix_export.source import architectures
 from tests_helpers import run_cli
-from tiny_models import make_prefix, save_tiny_model, tiny_config
+from tiny_models import tiny_config
 
 SHARED = CompileOptions(optimize=True, kv_buffer="shared")
 DECODER_SPECS = {t: architectures.describe(tiny_config(t)) for t in architectures.supported_model_types()
                  if architectures.describe(tiny_config(t)).family == architectures.FAMILY_DECODER}
 FUSED_ATTENTION = [t for t, spec in DECODER_SPECS.items() if "attention" in expected_fusions(spec)[0]]
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    made = {}
-
-    def get(model_type):
-        if model_type not in made:
-            root = tmp_path_factory.mktemp(model_type)
-            save_tiny_model(tiny_config(model_type), root / "model")
-            made[model_type] = (root / "model", make_prefix(root / "model", root / "prefix", 5, projection=True,
-                                                            trained=True))
-        return made[model_type]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +269,28 @@ def test_validate_rechecks_a_shared_buffer_folder(layout, shared_exports):
     result = validate_export(shared_exports[layout][0])
     print(result.table())
     assert result.passed
+
+
+def test_a_failed_capture_falls_back_to_uncaptured_steps_with_a_log_line(shared_exports, caplog):
+    """ONNX Runtime refusing to capture (here: a session that raises for any captured run id) costs the
+    capture, not the generation: one warning, the step rerun uncaptured, the same tokens."""
+    decoder = _decoder(shared_exports["cache"][0])
+    session = decoder.session
+
+    class RefusesCapture:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, binding, run_options=None):
+            if run_options is not None and run_options.get_run_config_entry("gpu_graph_id") != "-1":
+                raise RuntimeError("graph capture is not supported here")
+            return session.run_with_iobinding(binding, run_options)
+
+    ids = np.array([ROWS[0]])
+    want = generate(make_stepper(decoder, ids, None, 8), GenerationConfig(max_new_tokens=8))
+    decoder.session = RefusesCapture()
+    stepper = make_stepper(decoder, ids, None, 8, cuda_graph=True)
+    with caplog.at_level(logging.WARNING):
+        got = generate(stepper, GenerationConfig(max_new_tokens=8))
+    np.testing.assert_array_equal(got, want)
+    assert not stepper.capture and caplog.text.count("capture failed") == 1

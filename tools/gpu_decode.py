@@ -177,7 +177,7 @@ def measure_model(name: str, base: Path, prefix: Path, work: Path, args) -> list
             row = {"model": name, "graph": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "tokens"}))
-    del peft_model
+    peft_model = None  # the GPU copies are closed; the CPU model is not needed any more
 
     fp32_tokens: dict[str, list[int]] = {}
     for variant in VARIANTS:

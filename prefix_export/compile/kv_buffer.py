@@ -246,15 +246,12 @@ def share_kv_buffer(model, num_virtual_tokens: int, layout: str, sliding_window:
             # (the query's own among them) exactly: measured on tiny mistral, W = 8, P = 5, 12 tokens (W - 1 and
             # W + 1 are off by 0.1-0.4 in the logits). The GPU check compares the CUDA kernel's tokens with PEFT's.
             attrs["local_window_size"] = int(sliding_window)
-        from onnx import helper as _h
-
-        graph.added.append(_h.make_node("GroupQueryAttention", [q, k_bsd, v_bsd, pasts[0], pasts[1], SEQLENS_K,
-                                                                TOTAL_SEQUENCE_LENGTH],
-                                        [output, *presents], name=f"GroupQueryAttention_{layer}", domain=_MS,
-                                        **attrs))
-        if P:
-            graph.added.append(_h.make_node("Slice", [output, first_step_prefix, end_of_axis, seq_axis], [mha.output[0]],
-                                            name=f"drop_prefix_rows_{layer}"))
+        gqa_inputs = [q, k_bsd, v_bsd, pasts[0], pasts[1], SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
+        graph.added.append(helper.make_node("GroupQueryAttention", gqa_inputs, [output, *presents],
+                                            name=f"GroupQueryAttention_{layer}", domain=_MS, **attrs))
+        if P:  # the query's prefix rows dropped: (B, n + S, H*D) -> (B, S, H*D)
+            graph.added.append(helper.make_node("Slice", [output, first_step_prefix, end_of_axis, seq_axis],
+                                                [mha.output[0]], name=f"drop_prefix_rows_{layer}"))
         dead.add(id(mha))
         missing = {contract.present_name(layer, "key"), contract.present_name(layer, "value")} - set(presents)
         if missing & present_names:

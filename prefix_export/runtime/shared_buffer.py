@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import contract
 from ..contract import GREEDY_TOKEN_IDS, META_KV_BUFFER, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
-from ..errors import InputError, RuntimeSetupError
+from ..errors import InputError, MismatchError, RuntimeSetupError
 from .providers import ORT_TO_NUMPY
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ class SharedBufferDecoder:
         elif self.graph_layout == "cache":
             want = (self.num_layers, 2, self.num_kv_heads, self.head_dim)
             if (prefix.shape[0], prefix.shape[1], prefix.shape[2], prefix.shape[4]) != want:
-                raise InputError(f"the prefix has shape {tuple(prefix.shape)} (L, 2, H_kv, P, D); this graph needs "
-                                 f"L={want[0]}, H_kv={want[2]}, D={want[3]}.")
+                raise MismatchError(f"the prefix has shape {tuple(prefix.shape)} (L, 2, H_kv, P, D); this graph "
+                                    f"needs L={want[0]}, H_kv={want[2]}, D={want[3]}. It was made for another base "
+                                    "model.")
             self.prefix = prefix.astype(self.kv_dtype, copy=False)
             self.prefix_length = prefix.shape[3]
         else:
