@@ -227,10 +227,16 @@ def _print_export_summary(result) -> None:
             print(f"{'fused':<{width}}  {counts}; nodes {fusion['nodes_before']} -> {fusion['nodes_after']}")
             for kind, why in fusion.get("not_fusable", {}).items():
                 print(f"{'':<{width}}  {kind} not fused: {why}")
+        shared = compiled.get("shared_kv_buffer")
+        if shared:
+            where = ("the graph writes its prefix on the first step" if shared["prefix_in_graph"]
+                     else "the runtime pre-fills the prefix")
+            print(f"{'kv buffer':<{width}}  shared: {shared['layers']} GroupQueryAttention layers on one buffer per "
+                  f"cache tensor ({shared['layout']} layout: {where}); generate --cuda-graph on CUDA")
         quantization = compiled["quantization"]
         if quantization["precision"] != "fp32":
             settings = ", ".join(f"{k}={v}" for k, v in quantization.items() if k != "precision")
-            print(f"{'precision':<{width}}  {quantization['precision']} ({settings})")
+            print(f"{'precision':<{width}}  {quantization['precision']}" + (f" ({settings})" if settings else ""))
     _print_validation(result.validation, "graph")
 
 
