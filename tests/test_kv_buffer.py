@@ -294,3 +294,22 @@ def test_a_failed_capture_falls_back_to_uncaptured_steps_with_a_log_line(shared_
         got = generate(stepper, GenerationConfig(max_new_tokens=8))
     np.testing.assert_array_equal(got, want)
     assert not stepper.capture and caplog.text.count("capture failed") == 1
+
+
+def test_the_base_model_runs_on_the_cache_layout_graph_without_a_prefix(shared_exports):
+    """bench's base rows: the cache-layout shared graph with no prefix is the base model; its `run` with a
+    past (validation's contract) gives the plain cache-layout graph's logits run without a prefix."""
+    shared, plain = shared_exports["cache"]
+    base = make_decoder(create_session(ExportFolder.open(shared).graph, "cpu"))
+    reference = make_decoder(create_session(ExportFolder.open(plain).graph, "cpu"))
+    assert isinstance(base, SharedBufferDecoder) and base.prefix_length == 0
+    ids, mask = pad_batch(ROWS, 0)
+    positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    got, got_past = base.run(ids, mask, positions, base.empty_past(3))
+    want, want_past = reference.run(ids, mask, positions, reference.empty_past(3))
+    np.testing.assert_allclose(got[mask.astype(bool)], want[mask.astype(bool)], atol=1e-5)
+    step_mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+    step_ids, step_positions = np.array([[3], [4], [5]]), positions[:, -1:] + 1
+    got, _ = base.run(step_ids, step_mask, step_positions, got_past)
+    want, _ = reference.run(step_ids, step_mask, step_positions, want_past)
+    np.testing.assert_allclose(got, want, atol=1e-5)

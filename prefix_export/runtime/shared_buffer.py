@@ -166,7 +166,8 @@ class SharedBufferDecoder:
                 prefix = self.prefix_kv()
                 for k, buffer in enumerate(buffers):
                     buffer[0, :, :P] = prefix[k // 2, k % 2]
-                    buffer[0, :, P:P + len(old)] = past[k][row][:, old]
+            for k, buffer in enumerate(buffers):  # the row's own past after the prefix
+                buffer[0, :, P:P + len(old)] = past[k][row][:, old]
             if len(new) == 0:
                 continue
             row_logits = self.run_row(input_ids[row:row + 1, new], position_ids[row:row + 1, new] +
