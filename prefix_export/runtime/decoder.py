@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import contract, contract_seq2seq
 from ..errors import InputError, MismatchError, RuntimeSetupError
-from .providers import ORT_TO_NUMPY
+from .providers import ORT_TO_NUMPY, cache_geometry
 
 
 
@@ -49,11 +49,7 @@ class OnnxDecoder:
         if missing:
             raise RuntimeSetupError(f"the graph lacks inputs {missing}; it was not exported by prefix-export "
                                     f"(inputs: {sorted(inputs)}).")
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.num_layers = len(self.past_names) // 2
-        first = inputs[contract.past_name(0, "key")]
-        self.num_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-        self.kv_dtype = ORT_TO_NUMPY[first.type]
+        self.past_names, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype = cache_geometry(inputs)
         self.output_names = [o.name for o in session.get_outputs()]
         self.present_names = self.output_names[1:]
         logits = session.get_outputs()[0]

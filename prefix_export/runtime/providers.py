@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
+
+
+def cache_geometry(inputs: dict) -> tuple[list[str], int, int, int, type]:
+    """(past names, layers, H_kv, D, dtype) of a decoder session's inputs {name: NodeArg}, from
+    past_key_values.0.key (B, H_kv, T, D)."""
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    first = inputs[contract.past_name(0, "key")]
+    return past_names, len(past_names) // 2, int(first.shape[1]), int(first.shape[3]), ORT_TO_NUMPY[first.type]
+
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"

@@ -29,7 +29,7 @@ import numpy as np
 from .. import contract
 from ..contract import GREEDY_TOKEN_IDS, META_KV_BUFFER, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from ..errors import InputError, MismatchError, RuntimeSetupError
-from .providers import ORT_TO_NUMPY
+from .providers import ORT_TO_NUMPY, cache_geometry
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ class SharedBufferDecoder:
         info = json.loads(meta.get(META_KV_BUFFER, "{}"))
         self.graph_layout = info.get("layout", "cache")
         self.prefix_length = int(info.get("num_virtual_tokens", 0))
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.num_layers = len(self.past_names) // 2
-        first = inputs[contract.past_name(0, "key")]
-        self.num_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-        self.kv_dtype = ORT_TO_NUMPY[first.type]
+        self.past_names, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype = cache_geometry(inputs)
         self.graph_output_names = [o.name for o in session.get_outputs()]
         self.present_names = [n for n in self.graph_output_names if n.startswith("present.")]
         # what `run` returns (the folded contract), which validation checks by name
