@@ -48,3 +48,28 @@ def test_missing_part_is_reported(tmp_path, gpu_check):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert gpu_check.assemble_wheel(empty) is None
+
+
+@pytest.fixture(scope="module")
+def gpu_decode():
+    spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "tools" / "gpu_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_path_targets_pick_the_captured_fp16_layout_and_its_base(gpu_decode):
+    """The issue's targets from gpu_decode's rows: the faster shared fp16 layout with CUDA graphs (when any
+    captured row ran), against eager and the base compiled the same way; generate against the lean loop."""
+    rows = [{"model": "gpt2-small", "graph": "PyTorch eager", "layout": "-", "cuda_graph": False, "decode_ms": 4.0},
+            {"model": "gpt2-small", "graph": "shared fp16", "layout": "folded", "cuda_graph": True, "decode_ms": 0.5},
+            {"model": "gpt2-small", "graph": "shared fp16", "layout": "cache", "cuda_graph": True, "decode_ms": 0.4,
+             "generate_over_lean": 1.05},
+            {"model": "gpt2-small", "graph": "shared fp16", "layout": "cache", "cuda_graph": False, "decode_ms": 1.2},
+            {"model": "gpt2-small", "graph": "shared fp16", "layout": "base", "cuda_graph": True, "decode_ms": 0.39},
+            {"model": "default", "graph": "shared fp16", "layout": "cache", "cuda_graph": True, "decode_ms": 0.1}]
+    targets = gpu_decode.targets(rows)
+    assert (targets["best_layout"], targets["cuda_graph"], targets["decode_ms"]) == ("cache", True, 0.4)
+    assert targets["vs_eager"] == 0.1 and targets["prefix_cost"] == round(0.4 / 0.39, 3)
+    assert targets["generate_over_lean"] == 1.05
+    assert gpu_decode.first_divergence([1, 2, 3], [1, 2, 4]) == 2 and gpu_decode.first_divergence([1], [1]) is None
