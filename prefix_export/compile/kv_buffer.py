@@ -76,6 +76,7 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(node)
         self.added: list = []
         self.initializers: list = []
+        self._constants: dict[tuple, str] = {}  # (dtype, shape, bytes) -> name: each value added once
         self._count = 0
 
     def name(self, stem: str) -> str:
@@ -90,11 +91,16 @@ class _Graph:
         return names
 
     def const(self, stem: str, value: np.ndarray) -> str:
+        """An initializer holding `value`; the same value asked for again (every layer's reshape target and
+        tile counts) is the same initializer."""
         from onnx import numpy_helper
 
-        name = self.name(stem)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.name(stem)
+            self.initializers.append(numpy_helper.from_array(value, self._constants[key]))
+        return self._constants[key]
 
 
 def _find_cache_concat(graph: _Graph, tensor: str, past_names: set[str]):

@@ -106,6 +106,16 @@ class SharedBufferDecoder:
         """The graph's position_ids: the folded graph adds P itself, the cache layout's takes P + t."""
         return self.prefix_length if self.graph_layout == "cache" else 0
 
+    def bind_prompt(self, binding, input_ids: np.ndarray, position_ids: np.ndarray, total: int) -> None:
+        """One row's multi-token step, all but the KV buffers: ids and positions (1, S), seqlens_k = total - 1,
+        total_sequence_length = total, logits and greedy ids left for ONNX Runtime to allocate."""
+        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, np.int64))
+        binding.bind_cpu_input(SEQLENS_K, np.array([total - 1], np.int32))
+        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
+        binding.bind_output(contract.LOGITS)
+        binding.bind_output(GREEDY_TOKEN_IDS)
+
     def run_row(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: list[np.ndarray],
                 filled: int) -> np.ndarray:
         """One row (1, S) on host buffers (1, H_kv, T_max, D) holding `filled` tokens; written in place.
@@ -113,20 +123,15 @@ class SharedBufferDecoder:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, np.int64))
         total = filled + input_ids.shape[1] + (self.prefix_length if filled == 0 and self.graph_layout == "folded"
                                                else 0)
-        binding.bind_cpu_input(SEQLENS_K, np.array([total - 1], np.int32))
-        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
-        values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]  # shares the numpy memory
-        for name, present, value in zip(self.past_names, self.present_names, values):
+        self.bind_prompt(binding, input_ids, position_ids, total)
+        for name, present, buffer in zip(self.past_names, self.present_names, buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(present, value)
-        binding.bind_output(contract.LOGITS)
-        binding.bind_output(GREEDY_TOKEN_IDS)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[len(values)].numpy()
+        return binding.get_outputs()[0].numpy()  # logits, the first output bound
 
     def prefix_kv(self) -> np.ndarray:
         """(L, 2, H_kv, P, D): the cache layout's prefix, or what the folded graph writes on a first step."""
@@ -276,23 +281,18 @@ class SharedBufferStepper:
         for row, tokens in enumerate(self.rows):
             binding = self.session.io_binding()
             length = len(tokens)
-            binding.bind_cpu_input(contract.INPUT_IDS, tokens[None, :])
-            positions = np.arange(length, dtype=np.int64)[None, :] + decoder.position_offset()
-            binding.bind_cpu_input(contract.POSITION_IDS, positions)
             total = P + length
-            binding.bind_cpu_input(SEQLENS_K, np.array([total - 1], np.int32))
-            binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
+            positions = np.arange(length, dtype=np.int64)[None, :] + decoder.position_offset()
+            decoder.bind_prompt(binding, tokens[None, :], positions, total)
             for name, present, buffer in zip(decoder.past_names, decoder.present_names, self.buffers):
                 pointer = buffer.data_ptr() + row * self.state.row_bytes  # row `row` of (B, H_kv, T_max, D)
                 binding.bind_input(name, self.device, self.device_id, decoder.kv_dtype, kv_shape, pointer)
                 binding.bind_output(present, self.device, self.device_id, decoder.kv_dtype, kv_shape, pointer)
-            binding.bind_output(contract.LOGITS)
-            binding.bind_output(GREEDY_TOKEN_IDS)
             # a prompt's shapes differ from the decode steps': never captured
             self.session.run_with_iobinding(binding, self.run_options[_NO_CAPTURE] if self.cuda_graph else None)
-            outputs = binding.get_outputs()
-            last_logits.append(outputs[-2].numpy()[:, -1:])
-            greedy.append(int(outputs[-1].numpy()[0, -1]))
+            logits, ids = binding.get_outputs()[:2]  # bound first, before the buffers
+            last_logits.append(logits.numpy()[:, -1:])
+            greedy.append(int(ids.numpy()[0, -1]))
             self.filled[row] = total
         return np.concatenate(last_logits), np.array(greedy, np.int64)
 
