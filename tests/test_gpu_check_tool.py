@@ -10,12 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return load_tool("gpu_check")
 
 
 def make_wheel(path: Path) -> bytes:
@@ -52,10 +57,7 @@ def test_missing_part_is_reported(tmp_path, gpu_check):
 
 @pytest.fixture(scope="module")
 def gpu_decode():
-    spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "tools" / "gpu_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_decode")
 
 
 def test_decode_path_targets_pick_the_captured_fp16_layout_and_its_base(gpu_decode):

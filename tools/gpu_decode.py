@@ -182,6 +182,7 @@ def measure_model(name: str, base: Path, prefix: Path, work: Path, args) -> list
     fp32_tokens: dict[str, list[int]] = {}
     for variant in VARIANTS:
         for layout, info in exports.items():
+            uncaptured = None  # this graph's export backend without CUDA graphs (the token comparison uses it)
             folder = build_variant(info["folder"], work / f"{name}-{layout}-{variant.replace(' ', '-')}", variant)
             graph_modes = [False, True] if variant.startswith("shared") and device == "cuda" else [False]
             runs = [("export", True)] + ([("base", False)] if layout == "cache" else [])
@@ -190,11 +191,14 @@ def measure_model(name: str, base: Path, prefix: Path, work: Path, args) -> list
                     row = {"model": name, "graph": variant, "layout": layout if kind == "export" else "base",
                            "cuda_graph": captured}
                     try:
-                        row.update(timing(_Lean(folder, args.provider, captured, with_prefix)))
+                        lean = _Lean(folder, args.provider, captured, with_prefix)
+                        if kind == "export" and not captured:
+                            uncaptured = lean  # its session serves the token comparison below too
+                        row.update(timing(lean))
                         if kind == "export":
                             row["tokens_equal_peft"] = f"{sum(a == b for a, b in zip(row['tokens'], reference))}/" \
                                                        f"{len(reference)}"
-                            if kind == "export" and captured == graph_modes[-1]:
+                            if captured == graph_modes[-1]:
                                 row["generate_ms_per_token"] = round(time_generate(
                                     folder, args.provider, captured, prompt, args.tokens, args.repeats), 3)
                                 row["generate_over_lean"] = round(row["generate_ms_per_token"] / row["decode_ms"], 3)
@@ -202,11 +206,12 @@ def measure_model(name: str, base: Path, prefix: Path, work: Path, args) -> list
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "tokens"}))
+            if uncaptured is None:
+                continue  # its row holds the error
             if variant == "shared fp32":
-                fp32_tokens[layout] = greedy_with_margins(_Lean(folder, args.provider, False).engine, prompt,
-                                                          args.tokens)
-            if variant == "shared fp16":  # fp16 against fp32, with fp32's margin where they first part
-                tokens16, _ = greedy_with_margins(_Lean(folder, args.provider, False).engine, prompt, args.tokens)
+                fp32_tokens[layout] = greedy_with_margins(uncaptured.engine, prompt, args.tokens)
+            if variant == "shared fp16" and layout in fp32_tokens:  # fp16 against fp32, with fp32's margin where they first part
+                tokens16, _ = greedy_with_margins(uncaptured.engine, prompt, args.tokens)
                 tokens32, margins32 = fp32_tokens[layout]
                 at = first_divergence(tokens16, tokens32)
                 rows.append({"model": name, "graph": "fp16 vs fp32 (shared)", "layout": layout,
